@@ -2,7 +2,14 @@
 
 Importing the runtime needs numpy and pillow only; torch lives in `movq_deploy.models` (training and export).
 """
-from movq_deploy.generator import Generator
-
 __all__ = ["Generator"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import movq_deploy.models` (torch side) does not load the runtime and vice versa.
+    if name == "Generator":
+        from movq_deploy.generator import Generator
+
+        return Generator
+    raise AttributeError(f"module 'movq_deploy' has no attribute {name!r}")

@@ -99,3 +99,127 @@ def unmask(
             return np.ascontiguousarray(sampled, dtype=np.int32)
         tokens = np.where(select_remask(confidence, counts[:, t]), np.int32(mask_id), sampled).astype(np.int32)
     raise AssertionError("unreachable")
+
+
+def resolve_class_labels(class_labels, n: int, num_classes: int) -> Optional[np.ndarray]:
+    """The class-label input of the prior for `n` images: None for an unconditional model (num_classes == 0).
+
+    For a conditional model, `class_labels` may be None (every image gets the null class, id `num_classes`), one int
+    (all images), or a sequence of n ints in [0, num_classes]. Returns int32 [n].
+    """
+    if num_classes == 0:
+        if class_labels is not None:
+            raise ValueError("class_labels were given, but the prior is unconditional (num_classes = 0)")
+        return None
+    if class_labels is None:
+        return np.full(n, num_classes, dtype=np.int32)
+    labels = np.asarray(class_labels)
+    if labels.ndim == 0:
+        labels = np.full(n, labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"class_labels must be one int or {n} ints, got shape {labels.shape} dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"class_labels must lie in [0, {num_classes}] ({num_classes} = no class), got "
+                         f"[{labels.min()}, {labels.max()}]")
+    return labels.astype(np.int32)
+
+
+def _chunks(indices: np.ndarray, max_batch: Optional[int]) -> "list[np.ndarray]":
+    if max_batch is not None and max_batch <= 0:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    size = len(indices) if max_batch is None else max_batch
+    return [indices[start:start + size] for start in range(0, len(indices), max(size, 1))]
+
+
+def sample_tokens(
+    step_fn: StepFn,
+    n: int,
+    num_slots: int,
+    mask_id: int,
+    steps: int = 8,
+    seed: int = 0,
+    class_labels: Optional[np.ndarray] = None,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    max_batch: Optional[int] = None,
+    first_index: int = 0,
+) -> np.ndarray:
+    """Samples n token grids from scratch (every slot masked); returns int32 [n, num_slots].
+
+    Runs in chunks of at most `max_batch` images; image i always uses noise stream (seed, first_index + i), so the
+    result does not depend on `max_batch`, and a call with first_index=k continues one that sampled k images.
+    `class_labels` is int32 [n] (see `resolve_class_labels`) or None.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if class_labels is not None and np.shape(class_labels) != (n,):
+        raise ValueError(f"class_labels must have shape ({n},), got {np.shape(class_labels)}")
+    tokens = np.full((n, num_slots), mask_id, dtype=np.int32)
+    slot_mask = np.ones((n, num_slots), dtype=bool)
+    return edit_tokens(step_fn, tokens, slot_mask, mask_id, steps, seed, class_labels, temperature,
+                       choice_temperature, max_batch, first_index)
+
+
+def edit_tokens(
+    step_fn: StepFn,
+    tokens: np.ndarray,
+    slot_mask: np.ndarray,
+    mask_id: int,
+    steps: int = 8,
+    seed: int = 0,
+    class_labels: Optional[np.ndarray] = None,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    max_batch: Optional[int] = None,
+    first_index: int = 0,
+) -> np.ndarray:
+    """Regenerates the slots of `tokens` (int [B,N]) where `slot_mask` (bool [B,N]) is True; returns int32 [B,N].
+
+    The decoding loop starts with N0 = the masked slots of each image; all other slots are kept exactly. Image i
+    uses noise stream (seed, first_index + i) over all N slots, so an all-masked edit equals `sample_tokens` with
+    the same seed. Images with nothing masked are returned unchanged without running the prior.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if not temperature > 0 or not choice_temperature >= 0:
+        raise ValueError(f"temperature must be > 0 and choice_temperature >= 0, got {temperature}, "
+                         f"{choice_temperature}")
+    if seed < 0 or first_index < 0:
+        raise ValueError(f"seed and first_index must be >= 0, got {seed}, {first_index}")
+    tokens = np.asarray(tokens)
+    slot_mask = np.asarray(slot_mask)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, N], got shape {tokens.shape}")
+    if slot_mask.shape != tokens.shape or slot_mask.dtype != bool:
+        raise ValueError(f"slot_mask must be bool with the tokens' shape {tokens.shape}, got {slot_mask.dtype} "
+                         f"{slot_mask.shape}")
+    batch, num_slots = tokens.shape
+    known = tokens[~slot_mask]
+    if known.size and (known.min() < 0 or known.max() >= mask_id):
+        raise ValueError(f"known tokens must lie in [0, {mask_id}), got [{known.min()}, {known.max()}]")
+    if class_labels is not None and np.shape(class_labels) != (batch,):
+        raise ValueError(f"class_labels must have shape ({batch},), got {np.shape(class_labels)}")
+    out = np.where(slot_mask, np.int32(mask_id), tokens).astype(np.int32)
+    todo = np.flatnonzero(slot_mask.any(axis=1))
+    for rows in _chunks(todo, max_batch):
+        uniform, gumbel = draw_noise(seed, first_index + rows, steps, num_slots)
+        labels = None if class_labels is None else np.asarray(class_labels, dtype=np.int32)[rows]
+        out[rows] = unmask(step_fn, out[rows], mask_id, uniform, gumbel, labels, temperature, choice_temperature)
+    return out
+
+
+def slot_mask_from_pixels(masks: np.ndarray, grid: "tuple[int, int, int]") -> np.ndarray:
+    """bool [B,H,W] pixel masks (True = regenerate) -> bool [B,N] slot mask for a (h, w, c) token grid.
+
+    A latent position is masked when its cell of the image (H/h x W/w pixels) holds any masked pixel; all c slots
+    of a masked position are masked.
+    """
+    masks = np.asarray(masks)
+    h, w, c = grid
+    if masks.dtype != bool or masks.ndim != 3:
+        raise ValueError(f"masks must be a bool array [B, H, W], got {masks.dtype} with shape {masks.shape}")
+    batch, height, width = masks.shape
+    if height % h or width % w:
+        raise ValueError(f"mask size {height}x{width} is not a multiple of the latent grid {h}x{w}")
+    cells = masks.reshape(batch, h, height // h, w, width // w).any(axis=(2, 4))  # (B, h, w)
+    return np.repeat(cells[..., None], c, axis=-1).reshape(batch, h * w * c)

@@ -1,0 +1,103 @@
+"""The torch modules that ARE the exported ONNX graphs: their inputs and outputs are the deployment boundary.
+
+- EncoderGraph: image uint8 [B,H,W,3] -> indices int32 [B,h,w,c]
+- DecoderGraph: indices int32 [B,h,w,c] -> image uint8 [B,H,W,3]
+- PriorStepGraph: one MaskGIT step; the logits [B,N,K] stay inside, only O(B*N) tensors cross the boundary.
+
+Uint8 images and int32 indices keep host<->device traffic small and make every backend agree on the exact
+conversion (scale, clamp, round) because it is part of the graph. The randomness is an input (host noise from
+movq_deploy.sampling): no Random*/Multinomial ops, which TensorRT either rejects or does not seed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from movq_deploy.models.prior import MaskGITPrior
+
+
+class EncoderGraph(nn.Module):
+    """image uint8 [B,H,W,3] -> indices int32 [B,h,w,c] (the nearest-code argmin inside)."""
+
+    input_names = ["image"]
+    output_names = ["indices"]
+
+    def __init__(self, movq):
+        super().__init__()
+        self.movq = movq
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        return self.movq.encode(x).to(torch.int32)  # (B, h, w, c)
+
+
+class DecoderGraph(nn.Module):
+    """indices int32 [B,h,w,c] -> image uint8 [B,H,W,3]: clamp to [-1, 1], (x + 1) * 127.5, round half to even."""
+
+    input_names = ["indices"]
+    output_names = ["image"]
+
+    def __init__(self, movq):
+        super().__init__()
+        self.movq = movq
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        x = self.movq.decode(indices.long())  # (B, 3, H, W), ~[-1, 1]
+        x = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+        return x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H, W, 3)
+
+
+class PriorStepGraph(nn.Module):
+    """One step of MaskGIT decoding, semantics of movq_deploy.sampling.StepFn.
+
+    For masked slots (token == K): token = #{k : cdf[k] < uniform * cdf[K-1]} clamped to K-1 (inverse CDF of
+    softmax(logits / temperature), one host uniform per slot) and confidence = log_softmax(logits / temperature)
+    [token] + choice_scale * gumbel. Known slots keep their token and get confidence +inf.
+    """
+
+    output_names = ["sampled", "confidence"]
+
+    def __init__(self, prior: MaskGITPrior):
+        super().__init__()
+        self.prior = prior
+
+    @property
+    def input_names(self) -> "list[str]":
+        labels = ["class_labels"] if self.prior.config.conditional else []
+        return ["tokens", *labels, "uniform", "gumbel", "temperature", "choice_scale"]
+
+    def example_inputs(self, batch: int = 2) -> tuple:
+        """Valid inputs for tracing/export, in forward's argument order (class_labels None when unconditional)."""
+        config = self.prior.config
+        tokens = torch.randint(0, config.codebook_size, (batch, config.num_slots), dtype=torch.int32)
+        tokens[torch.rand(batch, config.num_slots) < 0.5] = config.mask_id  # half the slots to sample
+        labels = torch.zeros(batch, dtype=torch.int32) if config.conditional else None
+        uniform = torch.rand(batch, config.num_slots)
+        gumbel = -torch.log(-torch.log(torch.rand(batch, config.num_slots).clamp_min(1e-20)))
+        return tokens, labels, uniform, gumbel, torch.tensor([1.0]), torch.tensor([2.0])
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # int32 [B, N]
+        class_labels: Optional[torch.Tensor],  # int32 [B] for conditional priors, else None
+        uniform: torch.Tensor,  # f32 [B, N] in [0, 1)
+        gumbel: torch.Tensor,  # f32 [B, N]
+        temperature: torch.Tensor,  # f32 [1]
+        choice_scale: torch.Tensor,  # f32 [1]
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
+        num_codes = self.prior.config.codebook_size
+        # The softmax statistics in fp32 even when the rest of the graph is converted to fp16.
+        logits = self.prior(tokens, class_labels).float() / temperature  # (B, N, K)
+        log_probs = logits.log_softmax(dim=-1)  # (B, N, K)
+        cdf = log_probs.exp().cumsum(dim=-1)  # (B, N, K)
+        threshold = uniform[..., None] * cdf[..., -1:]  # (B, N, 1); the total, not 1, absorbs rounding
+        # Counted in float (exact below 2^24) so that no int64 reduction reaches TensorRT.
+        drawn = (cdf < threshold).float().sum(dim=-1).clamp(max=num_codes - 1).to(torch.int64)  # (B, N)
+        log_prob = log_probs.gather(-1, drawn[..., None])[..., 0]  # (B, N)
+        confidence = log_prob + choice_scale * gumbel
+        known = tokens != num_codes
+        sampled = torch.where(known, tokens, drawn.to(torch.int32))
+        confidence = torch.where(known, torch.full_like(confidence, float("inf")), confidence)
+        return sampled, confidence

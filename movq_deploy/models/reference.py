@@ -1,0 +1,118 @@
+"""The PyTorch reference sampler: the ground truth every exported backend must reproduce.
+
+It runs the very modules that are exported (movq_deploy.models.graphs) under torch.no_grad and plugs them into the
+numpy decoding loop of movq_deploy.sampling, so it consumes exactly the host noise the runtime consumes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from movq_deploy import sampling
+from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
+from movq_deploy.models.movq import MoVQ
+from movq_deploy.models.prior import MaskGITPrior
+
+
+class ReferenceSampler:
+    def __init__(self, movq: MoVQ, prior: Optional[MaskGITPrior] = None):
+        if prior is not None:
+            pc, mc = prior.config, movq.config
+            if pc.grid != mc.grid or pc.codebook_size != mc.codebook_size:
+                raise ValueError(f"prior models grid {pc.grid} with K={pc.codebook_size}, but the tokenizer has "
+                                 f"grid {mc.grid} with K={mc.codebook_size}")
+        self.movq = movq.eval()
+        self.prior = prior.eval() if prior is not None else None
+        self.encoder = EncoderGraph(self.movq).eval()
+        self.decoder = DecoderGraph(self.movq).eval()
+        self.prior_step = PriorStepGraph(self.prior).eval() if prior is not None else None
+        self.device = next(movq.parameters()).device
+
+    @property
+    def grid(self) -> "tuple[int, int, int]":
+        return self.movq.config.grid
+
+    @property
+    def mask_id(self) -> int:
+        return self.movq.config.codebook_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior.config.num_classes if self.prior is not None else 0
+
+    # ---- graphs, numpy in / numpy out ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step_fn(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale):
+        """A movq_deploy.sampling.StepFn running PriorStepGraph in torch."""
+        if self.prior_step is None:
+            raise ValueError("this ReferenceSampler has no prior; it can only encode and decode")
+
+        def tensor(array, dtype):
+            return torch.as_tensor(np.asarray(array, dtype=dtype), device=self.device)
+
+        labels = None if class_labels is None else tensor(class_labels, np.int32)
+        sampled, confidence = self.prior_step(
+            tensor(tokens, np.int32), labels, tensor(uniform, np.float32), tensor(gumbel, np.float32),
+            tensor([temperature], np.float32), tensor([choice_scale], np.float32))
+        return sampled.cpu().numpy(), confidence.cpu().numpy()
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """uint8 [B,H,W,3] -> int32 [B,h,w,c]."""
+        images = np.asarray(images)
+        size = self.movq.config.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"images must be uint8 [B,{size},{size},3], got {images.dtype} {images.shape}")
+        out = [self.encoder(torch.from_numpy(images[i:i + batch_size]).to(self.device)).cpu().numpy()
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, *self.grid), np.int32)
+
+    @torch.no_grad()
+    def decode(self, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """int [B,h,w,c] (or [B,N]) -> uint8 [B,H,W,3]."""
+        indices = np.asarray(indices).reshape(-1, *self.grid).astype(np.int32)
+        size = self.movq.config.image_size
+        out = [self.decoder(torch.from_numpy(indices[i:i + batch_size]).to(self.device)).cpu().numpy()
+               for i in range(0, len(indices), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+    # ---- sampling and editing ------------------------------------------------------------------------------------
+    def sample_tokens(self, n: int, steps: int = 8, seed: int = 0, class_labels=None, temperature: float = 1.0,
+                      choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+        """int32 [n, N]: n token grids sampled from scratch; image i uses noise stream (seed, i)."""
+        h, w, c = self.grid
+        labels = sampling.resolve_class_labels(class_labels, n, self.num_classes)
+        return sampling.sample_tokens(self.step_fn, n, h * w * c, self.mask_id, steps, seed, labels, temperature,
+                                      choice_temperature, batch_size)
+
+    def sample(self, n: int, steps: int = 8, seed: int = 0, class_labels=None, temperature: float = 1.0,
+               choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+        """uint8 [n, H, W, 3]."""
+        tokens = self.sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, batch_size)
+        return self.decode(tokens, batch_size)
+
+    def edit_tokens(self, tokens: np.ndarray, slot_mask: np.ndarray, steps: int = 8, seed: int = 0,
+                    class_labels=None, temperature: float = 1.0, choice_temperature: float = 4.5,
+                    batch_size: int = 64) -> np.ndarray:
+        """Regenerates the masked slots of tokens int [B,N] (slot_mask bool [B,N]); int32 [B,N]."""
+        labels = sampling.resolve_class_labels(class_labels, len(tokens), self.num_classes)
+        return sampling.edit_tokens(self.step_fn, tokens, slot_mask, self.mask_id, steps, seed, labels, temperature,
+                                    choice_temperature, batch_size)
+
+    def edit(self, images: np.ndarray, masks: np.ndarray, steps: int = 8, seed: int = 0, class_labels=None,
+             temperature: float = 1.0, choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+        """Inpaints uint8 images [B,H,W,3] where the bool pixel masks [B,H,W] are True; uint8 [B,H,W,3].
+
+        Every latent position whose cell holds a masked pixel is regenerated (all c slots); the others keep the
+        image's own tokens, so an empty mask returns the reconstruction.
+        """
+        images, masks = np.asarray(images), np.asarray(masks)
+        if masks.shape != images.shape[:3]:
+            raise ValueError(f"masks must be bool [B,H,W] matching the images {images.shape[:3]}, got {masks.shape}")
+        tokens = self.encode(images, batch_size).reshape(len(images), -1)
+        slot_mask = sampling.slot_mask_from_pixels(masks, self.grid)
+        edited = self.edit_tokens(tokens, slot_mask, steps, seed, class_labels, temperature, choice_temperature,
+                                  batch_size)
+        return self.decode(edited, batch_size)

@@ -1,0 +1,123 @@
+"""The exported graphs' semantics: PriorStepGraph (one MaskGIT step), EncoderGraph and DecoderGraph."""
+import numpy as np
+import pytest
+import torch
+
+from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
+from movq_deploy.models.movq import MoVQ, MoVQConfig
+from movq_deploy.models.prior import MaskGITPrior, PriorConfig
+
+
+def small_prior(num_classes=0):
+    torch.manual_seed(0)
+    config = PriorConfig(h=2, w=2, c=4, codebook_size=9, num_classes=num_classes, width=32, depth=1, heads=2,
+                         mlp_dim=64, dropout=0.0)
+    return MaskGITPrior(config).eval()
+
+
+def small_movq():
+    torch.manual_seed(0)
+    config = MoVQConfig(image_size=16, block_out_channels=(8, 16, 16), norm_groups=4, latent_channels=16,
+                        num_chunks=4, codebook_size=32)
+    return MoVQ(config).eval()
+
+
+def step_inputs(config, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.mask_id + 1, size=(batch, config.num_slots)).astype(np.int32)
+    tokens[0] = config.mask_id
+    uniform = rng.random((batch, config.num_slots), dtype=np.float32)
+    gumbel = rng.gumbel(size=(batch, config.num_slots)).astype(np.float32)
+    return tokens, uniform, gumbel
+
+
+@pytest.mark.parametrize("temperature,scale", [(1.0, 2.0), (0.5, 0.0)])
+def test_prior_step_semantics(temperature, scale):
+    prior = small_prior()
+    config = prior.config
+    tokens, uniform, gumbel = step_inputs(config)
+    with torch.no_grad():
+        sampled, confidence = PriorStepGraph(prior)(
+            torch.from_numpy(tokens), None, torch.from_numpy(uniform), torch.from_numpy(gumbel),
+            torch.tensor([temperature]), torch.tensor([scale]))
+        logits = prior(torch.from_numpy(tokens)).double().numpy() / temperature
+    assert sampled.dtype == torch.int32 and confidence.dtype == torch.float32
+    sampled, confidence = sampled.numpy(), confidence.numpy()
+    known = tokens != config.mask_id
+    np.testing.assert_array_equal(sampled[known], tokens[known])  # known slots keep their token ...
+    assert np.isposinf(confidence[known]).all()  # ... with +inf confidence
+    # Masked slots: the inverse CDF of softmax(logits / T) at the host uniform.
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    cdf = np.cumsum(np.exp(log_probs), -1)
+    expected = np.minimum((cdf < uniform[..., None] * cdf[..., -1:]).sum(-1), config.codebook_size - 1)
+    np.testing.assert_array_equal(sampled[~known], expected[~known])
+    expected_conf = np.take_along_axis(log_probs, expected[..., None], -1)[..., 0] + scale * gumbel
+    np.testing.assert_allclose(confidence[~known], expected_conf[~known], rtol=1e-5, atol=1e-5)
+
+
+def test_prior_step_extreme_uniforms_pick_first_and_last_code():
+    prior = small_prior()
+    config = prior.config
+    tokens = np.full((1, config.num_slots), config.mask_id, np.int32)
+    step = PriorStepGraph(prior)
+    with torch.no_grad():
+        lo, _ = step(torch.from_numpy(tokens), None, torch.zeros(1, config.num_slots),
+                     torch.zeros(1, config.num_slots), torch.tensor([1.0]), torch.tensor([1.0]))
+        hi, _ = step(torch.from_numpy(tokens), None, torch.full((1, config.num_slots), 1.0 - 2 ** -24),
+                     torch.zeros(1, config.num_slots), torch.tensor([1.0]), torch.tensor([1.0]))
+    assert (lo == 0).all() and (hi == config.codebook_size - 1).all()
+
+
+def test_prior_step_io_names_and_class_labels():
+    assert PriorStepGraph(small_prior()).input_names == ["tokens", "uniform", "gumbel", "temperature",
+                                                          "choice_scale"]
+    step = PriorStepGraph(small_prior(num_classes=2))
+    assert step.input_names[1] == "class_labels" and step.output_names == ["sampled", "confidence"]
+    tokens, labels, uniform, gumbel, temperature, scale = step.example_inputs(batch=2)
+    assert labels.dtype == torch.int32
+    tokens = torch.full_like(tokens, step.prior.config.mask_id)
+    with torch.no_grad():
+        _, a = step(tokens, torch.tensor([0, 0], dtype=torch.int32), uniform, gumbel, temperature, scale)
+        _, b = step(tokens, torch.tensor([1, 1], dtype=torch.int32), uniform, gumbel, temperature, scale)
+    assert not torch.allclose(a, b)  # the label reaches the log-probabilities
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_prior_step_exports_to_onnx_and_matches_in_onnxruntime(tmp_path, dynamo):
+    ort = pytest.importorskip("onnxruntime")
+    step = PriorStepGraph(small_prior(num_classes=2)).eval()
+    path = tmp_path / "prior.onnx"
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = {"dynamic_shapes": ({0: batch}, {0: batch}, {0: batch}, {0: batch}, None, None)}
+    else:
+        dynamic = {"dynamic_axes": {name: {0: "batch"} for name in step.input_names[:4] + step.output_names}}
+    torch.onnx.export(step, step.example_inputs(batch=2), str(path), input_names=step.input_names,
+                      output_names=step.output_names, opset_version=18, dynamo=dynamo, **dynamic)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
+    assert not ops & {"Multinomial", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike"}
+    inputs = step.example_inputs(batch=5)  # another batch size than the export's
+    with torch.no_grad():
+        sampled, confidence = step(*inputs)
+    feeds = {name: value.numpy() for name, value in zip(step.input_names, inputs)}
+    ort_sampled, ort_confidence = session.run(None, feeds)
+    np.testing.assert_array_equal(ort_sampled, sampled.numpy())
+    np.testing.assert_allclose(ort_confidence, confidence.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_and_decoder_graphs_are_uint8_int32_boundaries():
+    movq = small_movq()
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        indices = EncoderGraph(movq)(torch.from_numpy(images))
+        expected = movq.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        decoded = DecoderGraph(movq)(indices)
+        reference = movq.decode(indices.long()).clamp(-1, 1)
+    assert indices.dtype == torch.int32 and tuple(indices.shape) == (2, 4, 4, 4)
+    assert torch.equal(indices.long(), expected)
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (2, 16, 16, 3)
+    expected_image = ((reference + 1) * 127.5).round().permute(0, 2, 3, 1)
+    assert torch.equal(decoded.float(), expected_image)
