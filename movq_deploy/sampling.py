@@ -95,10 +95,9 @@ def unmask(
             tokens, class_labels, uniform[:, t], gumbel[:, t], float(temperature),
             choice_scale(t, steps, choice_temperature),
         )
-        if t == steps - 1:
-            return np.ascontiguousarray(sampled, dtype=np.int32)
+        # After the last step nothing is masked again (its count is 0): the samples are the result.
         tokens = np.where(select_remask(confidence, counts[:, t]), np.int32(mask_id), sampled).astype(np.int32)
-    raise AssertionError("unreachable")
+    return tokens
 
 
 def resolve_class_labels(class_labels, n: int, num_classes: int) -> Optional[np.ndarray]:
