@@ -1,0 +1,219 @@
+"""The `movq-deploy` console script.
+
+    movq-deploy sample --engine-dir engines/ -n 64 --seed 0 --out samples.png
+    movq-deploy edit --engine-dir engines/ --image in.png --mask mask.png --out out.png --seed 0
+    movq-deploy edit --engine-dir engines/ --image in.png --extend 0,0,16,0 --out wider.png   # outpainting
+    movq-deploy info --engine-dir engines/
+
+Bad input ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from movq_deploy.files import atomic_path
+from movq_deploy.images import extend_canvas, load_image, load_mask, make_grid, mask_preview
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("movq_deploy")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return args.command(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        print(f"movq-deploy {args.command_name}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        logger.removeHandler(handler)
+
+
+def sample(args: argparse.Namespace) -> int:
+    generator = _generator(args)
+    seed = _seed(args.seed)
+    labels = _labels(args.class_label)
+    start = time.perf_counter()
+    with _Progress("sampling") as progress:
+        images = generator.sample(n=args.n, steps=args.steps, seed=seed, class_labels=labels,
+                                  temperature=args.temperature, choice_temperature=args.choice_temperature,
+                                  output_type="np", progress=progress)
+    seconds = time.perf_counter() - start
+    _save(make_grid(images, nrow=args.nrow), args.out)
+    print(f"{len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} images/s) on "
+          f"{generator.backend_name} ({generator.precision}), seed {seed} -> {args.out}")
+    return 0
+
+
+def edit(args: argparse.Namespace) -> int:
+    if (args.mask is None) == (args.extend is None):
+        raise ValueError("give exactly one of --mask (inpainting) and --extend (outpainting)")
+    generator = _generator(args)
+    size = generator.image_size
+    image = load_image(args.image)
+    if args.extend is not None:
+        image, mask = extend_canvas(image, *_margins(args.extend), size=size)
+    else:
+        mask = load_mask(args.mask)
+        if args.resize:
+            mask = ImageOps.fit(mask, (size, size), Image.Resampling.NEAREST)
+    if args.resize:
+        image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+    seed = _seed(args.seed)
+    with _Progress("editing") as progress:
+        fills = generator.edit([image] * args.n, [mask] * args.n, steps=args.steps, seed=seed,
+                               class_labels=_labels(args.class_label), temperature=args.temperature,
+                               choice_temperature=args.choice_temperature, paste_original=args.paste_original,
+                               output_type="np", progress=progress)
+    if args.before_after:  # one row: the input, the input with the mask greyed out, the fills
+        before = np.asarray(image.convert("RGB"))
+        masked = np.asarray(mask.convert("L")) >= 128
+        row = [before, mask_preview(before, masked), *fills]
+        _save(make_grid(row, nrow=args.nrow or len(row)), args.out)
+    else:
+        _save(Image.fromarray(fills[0]) if args.n == 1 else make_grid(fills, nrow=args.nrow), args.out)
+    print(f"{args.n} edit(s) on {generator.backend_name} ({generator.precision}), seed {seed} -> {args.out}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    generator = _generator(args)
+    manifest = generator.manifest
+    print(f"engine dir    {generator.engine_dir}")
+    print(f"backend       {generator.backend_name} ({generator.precision}): {generator.backend_reason}")
+    print(f"images        {generator.image_size}x{generator.image_size}, tokens {'x'.join(map(str, generator.grid))}"
+          f" from {generator.codebook_size} codes")
+    print(f"classes       {generator.num_classes or 'unconditional'}")
+    print(f"steps         {generator.default_steps} (default)")
+    print(f"graphs        {', '.join(sorted(manifest.get('graphs', {})))}; engines: "
+          f"{', '.join(sorted(manifest.get('engines', {}))) or 'none'}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="movq-deploy", description="MoVQ + MaskGIT image generation from an "
+                                     "engine directory (ONNX Runtime or TensorRT).")
+    commands = parser.add_subparsers(dest="command_name", required=True)
+
+    def command(name: str, function, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=function)
+        sub.add_argument("--engine-dir", default="engines", help="engine directory (default: engines)")
+        sub.add_argument("--backend", default="auto",
+                         choices=["auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu"])
+        sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
+        sub.add_argument("--batch-size", type=int, default=None, help="most images per engine call")
+        return sub
+
+    def sampling_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+        sub.add_argument("--steps", type=int, default=None, help="unmasking steps (default: the manifest's)")
+        sub.add_argument("--class-label", action="append", default=None,
+                         help="class id or name (conditional models); once for all images, or once per image")
+        sub.add_argument("--temperature", type=float, default=1.0)
+        sub.add_argument("--choice-temperature", type=float, default=4.5)
+        sub.add_argument("--nrow", type=int, default=None, help="images per grid row")
+
+    sub = command("sample", sample, "sample new images into a grid PNG")
+    sub.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    sub.add_argument("--out", default="samples.png")
+    sampling_options(sub)
+
+    sub = command("edit", edit, "regenerate the masked region of an image (inpainting / outpainting)")
+    sub.add_argument("--image", required=True)
+    sub.add_argument("--mask", default=None, help="mask image, white = regenerate")
+    sub.add_argument("--extend", default=None, metavar="L,T,R,B",
+                     help="outpaint: grow the canvas by these margins (pixels), then resize to the engines' size")
+    sub.add_argument("--resize", action="store_true", help="centre-crop and resize the image (and mask) to fit")
+    sub.add_argument("--paste-original", action="store_true", help="keep the original pixels outside the mask")
+    sub.add_argument("-n", type=int, default=1,
+                     help="number of fills (fill i uses noise stream (seed, i)); n > 1 writes a grid")
+    sub.add_argument("--before-after", action="store_true",
+                     help="write one row: the image, the image with the mask greyed out, then the fills")
+    sub.add_argument("--out", default="edited.png")
+    sampling_options(sub)
+
+    command("info", info, "show the engine directory and the backend that would run it")
+    return parser
+
+
+def _generator(args: argparse.Namespace):
+    from movq_deploy.generator import Generator
+
+    return Generator(args.engine_dir, backend=args.backend, precision=args.precision, batch_size=args.batch_size)
+
+
+def _seed(seed: Optional[int]) -> int:
+    return secrets.randbits(31) if seed is None else seed
+
+
+def _labels(values: Optional[List[str]]):
+    if values is None:
+        return None
+    labels = [int(value) if value.lstrip("-").isdigit() else value for value in values]
+    return labels[0] if len(labels) == 1 else labels
+
+
+def _margins(text: str) -> List[int]:
+    try:
+        margins = [int(part) for part in text.split(",")]
+    except ValueError:
+        margins = []
+    if len(margins) != 4:
+        raise ValueError(f"--extend takes four comma-separated pixel counts L,T,R,B, got {text!r}")
+    return margins
+
+
+def _save(image: Image.Image, out: str) -> None:
+    path = Path(out)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+
+
+def _load_tqdm():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+class _Progress:
+    """progress(done, total) -> a tqdm bar when tqdm is installed, else a plain line every tenth of the way."""
+
+    def __init__(self, description: str):
+        self.description, self.bar, self.last_tenth = description, None, -1
+        self._tqdm = _load_tqdm()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._tqdm is not None:
+            if self.bar is None:
+                self.bar = self._tqdm(total=total, desc=self.description, unit="call", file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+            return
+        tenth = done * 10 // max(total, 1)
+        if tenth != self.last_tenth:
+            self.last_tenth = tenth
+            print(f"{self.description}: {done}/{total} engine calls", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The backend interface on ONNX Runtime: runner specs, session settings, the backend choice, hash checks."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from movq_deploy.backends import TensorSpec, graph_entries, open_runners
+from movq_deploy.backends import onnxruntime as ort_backend
+from movq_deploy.manifest import load_manifest
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cpu_backend(tiny_engines):
+    return open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="onnxruntime-cpu")
+
+
+def _prior_feeds(manifest, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    slots = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"]
+    return {
+        "tokens": rng.integers(0, manifest["mask_id"] + 1, (batch, slots)).astype(np.int32),
+        "class_labels": rng.integers(0, manifest["num_classes"] + 1, batch).astype(np.int32),
+        "uniform": rng.random((batch, slots), dtype=np.float32),
+        "gumbel": rng.gumbel(size=(batch, slots)).astype(np.float32),
+        "temperature": np.array([1.0], np.float32),
+        "choice_scale": np.array([2.0], np.float32),
+    }
+
+
+def test_runner_specs_name_the_graph_io(cpu_backend, tiny_engines):
+    manifest = load_manifest(tiny_engines.engine_dir)
+    size, (h, w, c) = manifest["image_size"], (manifest["grid"][k] for k in "hwc")
+    encoder, decoder, prior = (cpu_backend.runners[name] for name in ("encoder", "decoder", "prior"))
+    assert encoder.inputs == [TensorSpec("image", "uint8", ("batch", size, size, 3))]
+    assert encoder.outputs == [TensorSpec("indices", "int32", ("batch", h, w, c))]
+    assert decoder.inputs == [TensorSpec("indices", "int32", ("batch", h, w, c))]
+    assert decoder.outputs == [TensorSpec("image", "uint8", ("batch", size, size, 3))]
+    assert [spec.name for spec in prior.inputs] == ["tokens", "class_labels", "uniform", "gumbel", "temperature",
+                                                    "choice_scale"]
+    assert [(spec.name, spec.dtype) for spec in prior.outputs] == [("sampled", "int32"), ("confidence", "float32")]
+    assert all(runner.max_batch is None for runner in cpu_backend.runners.values())
+
+
+def test_prior_runner_keeps_known_tokens(cpu_backend, tiny_engines):
+    manifest = load_manifest(tiny_engines.engine_dir)
+    feeds = _prior_feeds(manifest, 3)
+    out = cpu_backend.runners["prior"].run(feeds)
+    known = feeds["tokens"] != manifest["mask_id"]
+    assert out["sampled"].dtype == np.int32 and out["sampled"].shape == feeds["tokens"].shape
+    assert np.array_equal(out["sampled"][known], feeds["tokens"][known])
+    assert np.isposinf(out["confidence"][known]).all() and np.isfinite(out["confidence"][~known]).all()
+
+
+def test_concurrent_runs_on_one_session_agree(cpu_backend, tiny_engines):
+    manifest = load_manifest(tiny_engines.engine_dir)
+    feeds = [_prior_feeds(manifest, 4, seed) for seed in range(8)]
+    prior = cpu_backend.runners["prior"]
+    serial = [prior.run(f)["sampled"] for f in feeds]
+    results = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, prior.run(feeds[i])["sampled"]))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(np.array_equal(a, b) for a, b in zip(results, serial))
+
+
+def test_cpu_session_settings(cpu_backend):
+    options = cpu_backend.runners["prior"].session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.intra_op_num_threads == ort_backend.physical_cores()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert 1 <= ort_backend.physical_cores() <= len(os.sched_getaffinity(0))
+    assert cpu_backend.runners["prior"].session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_precision_picks_the_graphs(tiny_engines):
+    manifest = load_manifest(tiny_engines.engine_dir)
+    fp32 = graph_entries(manifest, "fp32")
+    int8 = graph_entries(manifest, "int8")
+    assert [fp32[name]["file"] for name in ("encoder", "decoder", "prior")] == [
+        "encoder.onnx", "decoder.onnx", "prior.onnx"]
+    assert int8["prior"]["file"] == "prior.int8.onnx" and int8["decoder"] == fp32["decoder"]
+    with pytest.raises(FileNotFoundError, match="no fp16 encoder graph"):
+        graph_entries(manifest, "fp16")
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(backend="openvino"), ValueError, "backend must be one of"),
+    (dict(precision="fp8"), ValueError, "precision must be one of"),
+])
+def test_bad_backend_arguments(tiny_engines, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), **kwargs)
+
+
+def _fake_tensorrt(monkeypatch, usable, reason):
+    """Stands in for movq_deploy.backends.tensorrt (H-trt's module), to test the choice without a GPU."""
+    opened = {}
+    fake = types.ModuleType("movq_deploy.backends.tensorrt")
+    fake.tensorrt_usable = lambda manifest, precision="auto": (usable, reason)
+    fake.resolve_precision = lambda manifest, precision="auto": "fp16" if precision == "auto" else precision
+    fake.open_tensorrt_runners = lambda engine_dir, manifest, precision: opened.setdefault(
+        precision, {"encoder": "E", "decoder": "D", "prior": "P"})
+    monkeypatch.setitem(sys.modules, "movq_deploy.backends.tensorrt", fake)
+    return opened
+
+
+def test_auto_prefers_usable_tensorrt_engines_in_fp16(tiny_engines, monkeypatch, caplog):
+    opened = _fake_tensorrt(monkeypatch, True, "fp16 engines built for this GPU")
+    with caplog.at_level("INFO", logger="movq_deploy"):
+        backend = open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir))
+    assert (backend.name, backend.precision, list(opened)) == ("tensorrt", "fp16", ["fp16"])
+    assert "fp16 engines built for this GPU" in backend.reason
+    assert [r.getMessage() for r in caplog.records if r.name == "movq_deploy"] == [
+        "movq-deploy backend: tensorrt (fp16) - TensorRT engines usable: fp16 engines built for this GPU"]
+
+
+@pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
+def test_auto_falls_back_to_onnxruntime_and_says_why(tiny_engines, monkeypatch):
+    opened = _fake_tensorrt(monkeypatch, False, "the manifest has no TensorRT engines")
+    backend = open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), precision="int8")
+    assert (backend.name, backend.precision, opened) == ("onnxruntime-cpu", "int8", {})
+    assert "the manifest has no TensorRT engines" in backend.reason and "CUDAExecutionProvider" in backend.reason
+    assert backend.runners["prior"].path.name == "prior.int8.onnx"
+
+
+@pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
+def test_onnxruntime_cuda_refused_without_the_cuda_provider(tiny_engines):
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="onnxruntime-cuda")
+
+
+@pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed here")
+def test_tensorrt_refused_without_tensorrt(tiny_engines):
+    with pytest.raises(RuntimeError, match="not usable here"):
+        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="tensorrt")
+
+
+def test_files_are_verified_before_loading(tiny_engines, tmp_path):
+    engine_dir = tmp_path / "engines"
+    shutil.copytree(tiny_engines.engine_dir, engine_dir)
+    manifest = load_manifest(engine_dir)
+    data = bytearray((engine_dir / "prior.onnx").read_bytes())
+    data[-1] ^= 1  # one flipped bit: still loadable by ONNX Runtime, but not the exported graph
+    (engine_dir / "prior.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="prior.onnx"):
+        open_runners(engine_dir, manifest, backend="onnxruntime-cpu")
+
+
+@pytest.mark.skipif(not ort_backend.cuda_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_runner_matches_cpu(cpu_backend, tiny_engines):
+    manifest = load_manifest(tiny_engines.engine_dir)
+    cuda = open_runners(tiny_engines.engine_dir, manifest, backend="onnxruntime-cuda")
+    assert cuda.name == "onnxruntime-cuda"
+    feeds = _prior_feeds(manifest, 4)
+    ours, theirs = cuda.runners["prior"].run(feeds), cpu_backend.runners["prior"].run(feeds)
+    assert (ours["sampled"] == theirs["sampled"]).mean() > 0.99

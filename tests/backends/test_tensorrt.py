@@ -1,0 +1,385 @@
+"""The TensorRT backend.
+
+Everywhere: the module imports without TensorRT, CUDA or torch; `tensorrt_usable` says why not; the TensorRT code
+uses none of the APIs that TensorRT 10.0 / 11.0 removed (a static check).
+With cuda-python and a GPU (TensorRT or not): the pinned/device buffers, stream copies and CUDA-graph capture.
+With TensorRT and a GPU: engines built from the tiny export, compared with ONNX Runtime; CUDA-graph replay equal to
+plain execution; Generator sample parity with the ONNX Runtime backend; mismatch refusals.
+"""
+import ast
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from movq_deploy.backends import tensorrt as trt_backend
+
+ROOT = Path(__file__).resolve().parents[2]
+TENSORRT_SOURCES = [ROOT / "movq_deploy/backends/tensorrt.py", ROOT / "export/build_trt.py", ROOT / "movq_deploy/engine_cache.py"]
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _gpu():
+    try:
+        return trt_backend.cuda_gpu()
+    except (ImportError, RuntimeError):
+        return None
+
+
+GPU = _gpu()
+needs_gpu = pytest.mark.skipif(GPU is None, reason="needs cuda-python (pip install .[gpu]) and a CUDA GPU")
+needs_tensorrt = pytest.mark.skipif(
+    not (HAS_TENSORRT and GPU), reason="needs TensorRT and a CUDA GPU (pip install .[gpu] on a GPU machine)"
+)
+
+
+# ---- everywhere -------------------------------------------------------------------------------------------------
+def test_module_imports_without_tensorrt_cuda_or_torch():
+    code = (
+        "import sys, movq_deploy.backends.tensorrt, movq_deploy.engine_cache; "
+        "print(sorted(m for m in ('tensorrt', 'cuda', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_usable_says_tensorrt_is_missing():
+    usable, reason = trt_backend.tensorrt_usable({"engines": {}})
+    assert not usable
+    assert "TensorRT is not installed" in reason and "pip install .[gpu]" in reason and "\n" not in reason
+
+
+def test_precision_outside_fp32_fp16_is_refused_before_touching_tensorrt():
+    with pytest.raises(ValueError, match="fp32/fp16, not 'int8'"):
+        trt_backend.resolve_precision({"engines": {}}, "int8")
+    assert trt_backend.resolve_precision({"engines": {}}, "fp32") == "fp32"
+
+
+# APIs removed in TensorRT 10.0 (implicit batch, bindings, execute v1/v2, build_engine, max_workspace_size) and in
+# 11.0 (weak typing: precision builder flags, calibrators; device_memory_size without _v2), plus the old
+# `from cuda import cudart` shim that cuda-bindings 13 dropped.
+REMOVED_ATTRIBUTES = {
+    "build_engine", "build_cuda_engine", "max_workspace_size", "max_batch_size", "execute", "execute_async",
+    "execute_async_v2", "num_bindings", "binding_is_input", "set_binding_shape", "all_binding_shapes_specified",
+    "device_memory_size", "EXPLICIT_BATCH", "int8_calibrator", "set_calibration_profile", "get_profile_shape",
+}
+REMOVED_BUILDER_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "STRICT_TYPES", "OBEY_PRECISION_CONSTRAINTS",
+                         "PREFER_PRECISION_CONSTRAINTS"}
+REQUIRED_ATTRIBUTES = {
+    "execute_async_v3", "set_input_shape", "set_tensor_address", "num_io_tensors", "get_tensor_name",
+    "get_tensor_mode", "get_tensor_dtype", "get_tensor_shape", "get_tensor_profile_shape", "device_memory_size_v2",
+    "deserialize_cuda_engine", "build_serialized_network", "set_memory_pool_limit", "create_optimization_profile",
+    "parse_from_file", "create_timing_cache", "set_timing_cache", "STRONGLY_TYPED",
+}
+
+
+def removed_api_uses(source: str) -> "list[str]":
+    """Uses of removed TensorRT/CUDA APIs in `source`: attribute names, identifier strings (getattr/hasattr),
+    BuilderFlag members, `from cuda import cudart`, pycuda."""
+    tree = ast.parse(source)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if node.attr in REMOVED_ATTRIBUTES or node.attr.startswith("get_binding"):
+                found.append(node.attr)
+            owner = node.value
+            owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if owner_name == "BuilderFlag" and node.attr in REMOVED_BUILDER_FLAGS:
+                found.append(f"BuilderFlag.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            if node.value in REMOVED_ATTRIBUTES or node.value.startswith("get_binding"):
+                found.append(repr(node.value))
+        elif isinstance(node, ast.ImportFrom) and node.module == "cuda" and any(a.name == "cudart" for a in node.names):
+            found.append("from cuda import cudart")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [m for m in modules if m.split(".")[0] == "pycuda"]
+    return found
+
+
+def test_static_check_catches_removed_apis():
+    planted = (
+        "import pycuda.driver\nfrom cuda import cudart\n"
+        "engine = builder.build_engine(network, config)\nconfig.max_workspace_size = 1\n"
+        "config.set_flag(trt.BuilderFlag.FP16)\nctx.execute_async_v2(b, s)\nn = engine.num_bindings\n"
+        "i = engine.get_binding_index('x')\nm = engine.device_memory_size\nok = hasattr(engine, 'device_memory_size')\n"
+    )
+    assert sorted(removed_api_uses(planted)) == sorted([
+        "pycuda.driver", "from cuda import cudart", "build_engine", "max_workspace_size", "BuilderFlag.FP16",
+        "execute_async_v2", "num_bindings", "get_binding_index", "device_memory_size", "'device_memory_size'",
+    ])
+
+
+@pytest.mark.parametrize("path", TENSORRT_SOURCES, ids=lambda p: p.name)
+def test_tensorrt_code_uses_no_api_removed_in_10_or_11(path):
+    assert removed_api_uses(path.read_text()) == []
+    assert not re.search(r"BuilderFlag\.(FP16|INT8|BF16|FP8)\b", path.read_text())
+
+
+def test_tensorrt_code_uses_the_10x_11x_api():
+    """Guards the static check against passing vacuously: the current API is what the code calls."""
+    used = set()
+    for path in TENSORRT_SOURCES:
+        used |= {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)}
+    assert REQUIRED_ATTRIBUTES <= used, sorted(REQUIRED_ATTRIBUTES - used)
+
+
+# ---- cuda-python on a GPU (no TensorRT needed) ------------------------------------------------------------------
+@pytest.fixture
+def cuda_stream():
+    from cuda.bindings import runtime as cudart
+
+    stream = trt_backend.cuda_check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "stream")
+    yield cudart, stream
+    cudart.cudaStreamDestroy(stream)
+
+
+def _sync(cudart, stream):
+    trt_backend.cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+
+@needs_gpu
+def test_gpu_and_stream_are_described(cuda_stream):
+    name, capability = GPU
+    assert name and re.fullmatch(r"\d+\.\d+", capability)
+    handle = trt_backend.native_handle(cuda_stream[1])  # what execute_async_v3 is given
+    assert isinstance(handle, int) and handle != 0
+
+
+@needs_gpu
+def test_pinned_buffer_round_trip(cuda_stream):
+    cudart, stream = cuda_stream
+    buffer = trt_backend.PinnedDeviceBuffer(cudart, "int32", (8, 16))
+    try:
+        x = np.arange(3 * 16, dtype=np.int32).reshape(3, 16)
+        buffer.upload(x, stream)
+        _sync(cudart, stream)
+        buffer.host[:] = -1  # the answer must come back from the device, not from the host mirror
+        buffer.download((3, 16), stream)
+        _sync(cudart, stream)
+        np.testing.assert_array_equal(buffer.view((3, 16)), x)
+        with pytest.raises(ValueError, match="do not fit"):
+            buffer.upload(np.zeros((9, 16), np.int32), stream)
+    finally:
+        buffer.free()
+
+
+@needs_gpu
+def test_cuda_graph_replays_with_new_data_at_the_same_addresses(cuda_stream):
+    """The mechanism of the prior's replay: a captured graph reads whatever the fixed buffers hold at launch."""
+    cudart, stream = cuda_stream
+    source = trt_backend.PinnedDeviceBuffer(cudart, "float32", (4, 32))
+    target = trt_backend.PinnedDeviceBuffer(cudart, "float32", (4, 32))
+    kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+
+    def enqueue():
+        trt_backend.cuda_check(cudart, cudart.cudaMemcpyAsync(target.device, source.device, 4 * 32 * 4, kind, stream), "D2D")
+
+    graph = trt_backend.capture_cuda_graph(cudart, stream, enqueue)
+    try:
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            x = rng.random((4, 32), dtype=np.float32)
+            source.upload(x, stream)
+            trt_backend.cuda_check(cudart, cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
+            target.download((4, 32), stream)
+            _sync(cudart, stream)
+            np.testing.assert_array_equal(target.view((4, 32)), x)
+    finally:
+        cudart.cudaGraphExecDestroy(graph)
+        source.free()
+        target.free()
+
+
+@needs_gpu
+def test_failed_capture_leaves_the_stream_usable(cuda_stream):
+    cudart, stream = cuda_stream
+
+    def enqueue():
+        raise RuntimeError("planted")
+
+    with pytest.raises(RuntimeError, match="planted"):
+        trt_backend.capture_cuda_graph(cudart, stream, enqueue)
+    buffer = trt_backend.PinnedDeviceBuffer(cudart, "uint8", (16,))
+    try:
+        buffer.upload(np.arange(16, dtype=np.uint8), stream)
+        buffer.download((16,), stream)
+        _sync(cudart, stream)
+        np.testing.assert_array_equal(buffer.view((16,)), np.arange(16, dtype=np.uint8))
+    finally:
+        buffer.free()
+
+
+# ---- TensorRT on a GPU ------------------------------------------------------------------------------------------
+PROFILE = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def trt_engine_dir(tiny_engines, tmp_path_factory):
+    """tests/conftest.py's tiny checkpoint, exported here with fp16 graphs too (the shared engine dir is left
+    untouched), with fp32 (TF32 off, for exact parity) and fp16 engines for batch 1..4."""
+    from export.build_trt import BuildOptions, build_engines
+    from export.to_onnx import export_engine_dir
+    from movq_deploy.engine_cache import BatchProfile
+
+    engine_dir = tmp_path_factory.mktemp("tensorrt") / "engines"
+    export_engine_dir(tiny_engines.ckpt, engine_dir, steps=4, fp16=True, log=lambda line: None)
+    for precision, tf32 in (("fp32", False), ("fp16", True)):
+        options = BuildOptions(precision=precision, profile=BatchProfile(*PROFILE), workspace_gb=1.0, tf32=tf32)
+        assert set(build_engines(engine_dir, options, log=lambda line: None).values()) == {"built"}
+    return engine_dir
+
+
+def _manifest(engine_dir):
+    return json.loads((engine_dir / "manifest.json").read_text())
+
+
+def _feeds(manifest: dict, precision: str, graph: str, batch: int, seed: int = 0) -> dict:
+    """Valid random inputs for `graph`, from its I/O specs in the manifest."""
+    rng = np.random.default_rng(seed)
+    K = manifest["codebook_size"]
+    feeds = {}
+    for spec in manifest["graphs"][precision][graph]["inputs"]:
+        shape = tuple(batch if d == "batch" else d for d in spec["shape"])
+        name = spec["name"]
+        if name == "image":
+            value = rng.integers(0, 256, shape)
+        elif name == "indices":
+            value = rng.integers(0, K, shape)
+        elif name == "tokens":
+            value = np.where(rng.random(shape) < 0.6, K, rng.integers(0, K, shape))
+        elif name == "class_labels":
+            value = rng.integers(0, manifest["num_classes"] + 1, shape)
+        elif name == "uniform":
+            value = rng.random(shape)
+        elif name == "gumbel":
+            value = rng.gumbel(size=shape)
+        elif name == "temperature":
+            value = np.ones(shape)
+        elif name == "choice_scale":
+            value = np.full(shape, 2.0)
+        else:
+            raise AssertionError(f"unknown input {name}")
+        feeds[name] = value.astype(spec["dtype"])
+    return feeds
+
+
+def _onnxruntime(engine_dir, manifest, precision, graph, feeds):
+    import onnxruntime as ort
+
+    path = engine_dir / manifest["graphs"][precision][graph]["file"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+@needs_tensorrt
+def test_build_records_engines_and_skips_up_to_date_ones(trt_engine_dir):
+    from export.build_trt import BuildOptions, build_engines
+    from movq_deploy.engine_cache import BatchProfile
+
+    manifest = _manifest(trt_engine_dir)
+    platform = trt_backend.current_platform()
+    for precision in ("fp32", "fp16"):
+        for graph in ("encoder", "decoder", "prior"):
+            entry = manifest["engines"][precision][graph]
+            assert entry["tensorrt_version"] == platform.tensorrt_version and entry["gpu_name"] == platform.gpu_name
+            assert entry["onnx_sha256"] == manifest["graphs"][precision][graph]["sha256"]
+            assert entry["profile"] == dict(zip(("min", "opt", "max"), PROFILE)) and entry["precision"] == precision
+    plan = trt_engine_dir / manifest["engines"]["fp16"]["prior"]["file"]
+    mtime = plan.stat().st_mtime_ns
+    options = BuildOptions(precision="fp16", profile=BatchProfile(*PROFILE), workspace_gb=1.0)
+    assert set(build_engines(trt_engine_dir, options, log=lambda line: None).values()) == {"up to date"}
+    assert plan.stat().st_mtime_ns == mtime
+    usable, reason = trt_backend.tensorrt_usable(manifest)
+    assert usable and "fp16/fp32 engines match" in reason
+
+
+@needs_tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_match_onnxruntime(trt_engine_dir, precision):
+    manifest = _manifest(trt_engine_dir)
+    runners = trt_backend.open_tensorrt_runners(trt_engine_dir, manifest, precision)
+    exact = precision == "fp32"  # TF32 off: only summation order differs
+    for graph, runner in runners.items():
+        assert runner.max_batch == PROFILE[2]
+        feeds = _feeds(manifest, precision, graph, batch=3)
+        got, want = runner.run(feeds), _onnxruntime(trt_engine_dir, manifest, precision, graph, feeds)
+        assert set(got) == set(want)
+        if graph == "encoder":
+            assert (got["indices"] == want["indices"]).mean() >= (0.99 if exact else 0.9)
+        elif graph == "decoder":
+            diff = np.abs(got["image"].astype(int) - want["image"].astype(int))
+            assert diff.max() <= (2 if exact else 16) and diff.mean() <= (0.05 if exact else 1.0)
+        else:
+            same = got["sampled"] == want["sampled"]
+            assert same.mean() >= (0.99 if exact else 0.9)
+            known = feeds["tokens"] != manifest["mask_id"]
+            assert np.all(np.isposinf(got["confidence"][known])) and np.all(got["sampled"][known] == feeds["tokens"][known])
+            both = same & ~known
+            np.testing.assert_allclose(got["confidence"][both], want["confidence"][both], atol=1e-3 if exact else 5e-2)
+
+
+@needs_tensorrt
+def test_cuda_graph_replay_equals_plain_execution(trt_engine_dir):
+    manifest = _manifest(trt_engine_dir)
+    entry = manifest["engines"]["fp32"]["prior"]
+    plan = trt_engine_dir / entry["file"]
+    plain = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=False)
+    replay = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=True)
+    for call in range(3):  # call 0 warms up, call 1 captures, call 2 replays; two batch sizes interleaved
+        for batch in (2, 3):
+            feeds = _feeds(manifest, "fp32", "prior", batch, seed=10 * call + batch)
+            a, b = plain.run(feeds), replay.run(feeds)
+            np.testing.assert_array_equal(a["sampled"], b["sampled"])
+            np.testing.assert_array_equal(a["confidence"], b["confidence"])
+    assert replay.captured_batch_sizes == [2, 3] and plain.captured_batch_sizes == []
+
+
+@needs_tensorrt
+def test_generator_sample_parity_with_onnxruntime(trt_engine_dir):
+    from movq_deploy import Generator
+
+    tensorrt = Generator(trt_engine_dir, backend="tensorrt", precision="fp32")
+    onnxruntime = Generator(trt_engine_dir, backend="onnxruntime-cpu", precision="fp32")
+    assert tensorrt.backend_name == "tensorrt" and Generator(trt_engine_dir).backend_name == "tensorrt"
+    num_classes = _manifest(trt_engine_dir)["num_classes"]
+    labels = [i % num_classes for i in range(6)] if num_classes else None
+    a = tensorrt.sample_tokens(n=6, steps=4, seed=0, class_labels=labels)  # 6 > max batch 4: chunked
+    b = onnxruntime.sample_tokens(n=6, steps=4, seed=0, class_labels=labels)
+    assert a.shape == b.shape and (a == b).mean() >= 0.99
+
+
+@needs_tensorrt
+def test_mismatched_or_altered_engines_are_refused(trt_engine_dir, tmp_path):
+    copy = tmp_path / "engines"
+    shutil.copytree(trt_engine_dir, copy)
+    manifest = _manifest(copy)
+    manifest["engines"]["fp16"]["decoder"]["tensorrt_version"] = "9.9.9"
+    with pytest.raises(ValueError, match=r"built with TensorRT 9\.9\.9 but this is TensorRT"):
+        trt_backend.open_tensorrt_runners(copy, manifest, "fp16")
+    assert trt_backend.tensorrt_usable(manifest, "fp16")[0] is False
+    manifest = _manifest(copy)
+    (copy / manifest["engines"]["fp32"]["prior"]["file"]).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="does not match manifest.json"):
+        trt_backend.open_tensorrt_runners(copy, manifest, "fp32")
+
+
+@needs_tensorrt
+def test_runner_checks_its_inputs(trt_engine_dir):
+    manifest = _manifest(trt_engine_dir)
+    runner = trt_backend.open_tensorrt_runners(trt_engine_dir, manifest, "fp32")["decoder"]
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        runner.run(_feeds(manifest, "fp32", "decoder", batch=PROFILE[2] + 1))
+    feeds = _feeds(manifest, "fp32", "decoder", batch=1)
+    with pytest.raises(ValueError, match="must be int32"):
+        runner.run({"indices": feeds["indices"].astype(np.int64)})
