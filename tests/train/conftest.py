@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training tests run tiny models at batch 2-4: one thread is faster than two fighting for shared cores
+    (several-fold here, measured), and the previous setting is restored for the tests that follow."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

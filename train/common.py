@@ -1,0 +1,140 @@
+"""Shared by the training scripts: distributed set-up, resume files, metrics log, learning-rate schedule, PSNR.
+
+Distributed training: launch with torchrun (it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
+gloo on CPU, nccl on GPU. Every rank draws its own crops (indices interleaved by rank), DDP averages gradients,
+rank 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from movq_deploy.files import atomic_path, atomic_write_text
+
+RESUME_FORMAT = "movq-deploy-resume"
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU); else a single process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return Dist(rank, world_size, torch.device("cuda", local_rank))
+    return Dist(rank, world_size, torch.device(device))
+
+
+def cleanup_distributed() -> None:
+    """Waits for every rank (rank 0 may still be writing files), then leaves the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def batch_indices(step: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Crop indices of this rank's batch at `step`: the global batch step*B*world ... split by rank."""
+    start = (step * world_size + rank) * batch_size
+    return range(start, start + batch_size)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images [B, H, W, 3] (peak 255); identical images give 100 dB."""
+    err = (reference.astype(np.float64) - test.astype(np.float64)) ** 2
+    mse = err.reshape(len(err), -1).mean(1)
+    return np.where(mse == 0, 100.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)))
+
+
+def perplexity_and_dead(counts: torch.Tensor) -> tuple[float, int]:
+    """Codebook usage from code counts (K,): perplexity exp(H(p)) and the number of codes never used."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum()
+    return float(entropy.exp()), int((counts == 0).sum())
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (rank 0 only). On resume, records past the resumed step
+    are dropped first, so the log reads as one run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            atomic_write_text(self.path, "")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_resume(path: Path, stage: str, step: int, state: dict) -> None:
+    """The resume file: everything besides ckpt.pt that continuing the run needs (optimizers, RNG, step)."""
+    payload = {"format": RESUME_FORMAT, "stage": stage, "step": step, "torch_rng": torch.get_rng_state(), **state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_resume(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no resume file {path} (was the run started with this --out?)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file gets the same one-line answer
+        raise ValueError(f"--resume: {path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT or payload.get("stage") != stage:
+        raise ValueError(f"--resume: {path} is not a {stage} resume file")
+    torch.set_rng_state(payload["torch_rng"])
+    return payload
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
