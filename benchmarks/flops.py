@@ -1,0 +1,45 @@
+"""FLOPs of each stage: analytic for the prior (from its config), counted from the torch module for everything.
+
+One multiply-add is 2 FLOPs. Only the dense work is counted (matmuls, convolutions, attention products): norms,
+softmax, the inverse-CDF draw and elementwise ops are memory-bound extras that the GEMM rate does not bound.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def prior_step_flops(prior_config, batch: int = 1) -> dict:
+    """Analytic FLOPs of one prior step for `batch` images, by part, from a PriorConfig.
+
+    The transformer runs over the h*w positions (+1 class token when conditional), width W, MLP width M, the
+    c indices of a position embedded (a lookup: 0 FLOPs) and predicted together by a W -> c*K head.
+    """
+    cfg = prior_config
+    positions = cfg.h * cfg.w
+    length = positions + (1 if cfg.num_classes > 0 else 0)
+    width, mlp = cfg.width, cfg.mlp_dim
+    per_layer = {
+        "attention_qkv_proj": 2 * length * width * width * 4,  # q, k, v and output projections
+        "attention_scores": 2 * length * length * width * 2,  # q k^T and weights @ v, all heads together
+        "mlp": 2 * length * width * mlp * 2,
+    }
+    parts = {name: batch * cfg.depth * value for name, value in per_layer.items()}
+    parts["embeddings"] = 0  # table lookups and a position add: no multiply-adds
+    parts["head"] = batch * 2 * positions * width * cfg.c * cfg.codebook_size
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def counted_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of the torch ops that `fn` runs (matmul, convolution, attention), counted with torch's FlopCounterMode.
+
+    scaled_dot_product_attention is forced onto its math kernel while counting: the fused CPU kernel is not in the
+    counter's registry and would count as 0.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())

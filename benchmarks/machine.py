@@ -1,0 +1,160 @@
+"""What the benchmark ran on, and how fast this machine multiplies dense matrices (the physical limit it is held to).
+
+The GEMM rate is measured in the same run as the model timings, so "fraction of the GEMM rate" compares numbers
+taken under the same load (on a shared machine the absolute numbers move; the ratio moves much less).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from typing import Optional
+
+import numpy as np
+
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "movq-deploy")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The vector extensions that decide GEMM speed (AVX2, AVX-512, VNNI for int8, BF16)."""
+    interesting = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [flag for flag in interesting if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow; os.cpu_count() ignores it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def gpu_names() -> list[str]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def load_average() -> Optional[list[float]]:
+    """The 1/5/15-minute load average: how busy the machine was while we timed (other processes steal cores)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": usable_cores(),
+        "gpus": gpu_names(),
+        "platform": platform.platform(),
+        "libraries": library_versions(),
+        "load_average_at_start": load_average(),
+    }
+
+
+def _best_rate(fn, flops: float, budget_s: float) -> float:
+    """FLOP/s of `fn`, from the median of repeated runs within `budget_s` (after one warm-up)."""
+    fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return flops / float(np.median(times))
+
+
+def _onnxruntime_matmul(a: np.ndarray, b: np.ndarray, threads: int):
+    """A call running a @ b as a one-node ONNX graph on ONNX Runtime's CPU provider (its MLAS GEMM kernels)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [value("a", a.shape), value("b", b.shape)], [value("c", (a.shape[0], b.shape[1]))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": a, "b": b})
+
+
+def gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dict:
+    """Dense GEMM rate of this machine, in GFLOP/s, measured with the libraries the backends use.
+
+    CPU: fp32 square matmul of `size` with numpy (its BLAS), torch (`threads` threads) and ONNX Runtime (MLAS,
+    `threads` intra-op threads); the fastest is the reference (on the 2-core AVX-512 EPYC, MLAS ran ~1.8x numpy's
+    and ~2.1x torch's rate). GPU (when torch sees CUDA): fp16 matmul on the tensor cores, size 8192.
+    """
+    result: dict = {"size": size, "threads": threads}
+    flops = 2.0 * size**3
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    result["numpy_fp32_gflops"] = round(_best_rate(lambda: a @ b, flops, budget_s / 3) / 1e9, 1)
+    result["onnxruntime_fp32_gflops"] = round(_best_rate(_onnxruntime_matmul(a, b, threads), flops, budget_s / 3)
+                                              / 1e9, 1)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        with torch.inference_mode():
+            result["torch_fp32_gflops"] = round(_best_rate(lambda: ta @ tb, flops, budget_s / 3) / 1e9, 1)
+        torch.set_num_threads(previous)
+    result["cpu_fp32_gflops"] = max(result["numpy_fp32_gflops"], result["onnxruntime_fp32_gflops"],
+                                    result.get("torch_fp32_gflops", 0.0))
+    if torch is not None and torch.cuda.is_available():
+        gpu_size = 8192
+        ga = torch.randn(gpu_size, gpu_size, device="cuda", dtype=torch.float16)
+        gb = torch.randn(gpu_size, gpu_size, device="cuda", dtype=torch.float16)
+
+        def gpu_matmul():
+            ga @ gb
+            torch.cuda.synchronize()
+
+        result["gpu_fp16_gflops"] = round(_best_rate(gpu_matmul, 2.0 * gpu_size**3, budget_s) / 1e9, 1)
+    return result

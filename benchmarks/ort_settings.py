@@ -1,0 +1,258 @@
+"""What ONNX Runtime already offers for the CPU, measured: the settings behind the runtime's defaults (issue 6).
+
+    python benchmarks/ort_settings.py [--engine-dir engines/ --ckpt PATH | --config tiny|paper]
+                                      [--batch-sizes 1,8] [--budget-s 1] [--out results/]
+
+Times the prior step (and the decoder) under each setting against PyTorch eager fp32 with the same threads:
+graph optimization levels, ONNX Runtime's transformer optimizer (BERT attention/LayerNorm/GELU fusions), intra-op
+threads, thread spinning, I/O binding with preallocated outputs, and dynamic int8 quantization variants (each
+with the share of masked slots whose most likely token agrees with fp32's). Writes ort_settings.json/.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
+from benchmarks.latency import (  # noqa: E402
+    CONFIGS, default_engine_dir, export_fresh_models, resolve_ckpt, stage_feeds,
+)
+from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.timing import summarize, time_calls  # noqa: E402
+from benchmarks.torch_peers import TorchPeer  # noqa: E402
+from movq_deploy.backends.onnxruntime import physical_cores  # noqa: E402
+from movq_deploy.files import atomic_write_text  # noqa: E402
+from movq_deploy.manifest import load_manifest  # noqa: E402
+from movq_deploy.models.checkpoint import load_models  # noqa: E402
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session(path: Path, level: str = "all", threads: int = 0, spinning: bool = True,
+            fixed_batch: "int | None" = None, block_base: "int | None" = None) -> ort.InferenceSession:
+    """A CPU session; `fixed_batch` pins the symbolic batch axis (shapes become static: ONNX Runtime can fold
+    the shape arithmetic and plan memory once), `block_base` sets the thread pool's dynamic block base."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not spinning:  # idle worker threads sleep instead of busy-waiting for the next op
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if fixed_batch is not None:
+        options.add_free_dimension_override_by_name("batch", fixed_batch)
+    if block_base is not None:
+        options.add_session_config_entry("session.dynamic_block_base", str(block_base))
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def io_bound_call(sess: ort.InferenceSession, feeds: dict):
+    """A call with inputs bound once as OrtValues and outputs preallocated: no per-call copies or allocations."""
+    binding = sess.io_binding()
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+    for output in sess.get_outputs():
+        binding.bind_output(output.name, "cpu")
+    sess.run_with_iobinding(binding)  # first run allocates the outputs; bind them so later runs reuse them
+    for output, value in zip(sess.get_outputs(), binding.get_outputs()):
+        binding.bind_ortvalue_output(output.name, value)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def head_matmuls(path: Path, head_shape: "tuple[int, int]") -> "list[str]":
+    """Names of the MatMul nodes whose weight has the output head's shape (width, c*K)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and any(shapes.get(name) == head_shape for name in node.input)]
+
+
+def quantize_variant(fp32_path: Path, out: Path, heads: int, width: int, fuse: bool, prepare: bool,
+                     per_channel: bool, fp32_head: "tuple[int, int] | None" = None) -> Path:
+    """onnxruntime.quantization.quantize_dynamic (int8 weights, uint8 activations quantized at run time);
+    `fp32_head` = the head weight's shape keeps that MatMul (the logits) in fp32."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    source = fp32_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fuse:
+            fused = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
+            source = out.with_suffix(".fused.onnx")
+            fused.save_model_to_file(str(source))
+        if prepare:
+            prepared = out.with_suffix(".prepared.onnx")
+            quant_pre_process(str(source), str(prepared))
+            source = prepared
+        excluded = head_matmuls(source, fp32_head) if fp32_head else None
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         nodes_to_exclude=excluded)
+    return out
+
+
+def fused_variant(fp32_path: Path, out: Path, heads: int, width: int) -> "tuple[Path, dict]":
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = optimize_model(str(fp32_path), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
+    fused.save_model_to_file(str(out))
+    return out, {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+
+
+def top_token_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, manifest: dict) -> float:
+    """Most likely token (temperature 1e-4 makes the draw an argmax) of masked slots: half-masked random states
+    and the all-masked first step, 8 images each."""
+    rng = np.random.default_rng(0)
+    n, mask_id = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"], manifest["mask_id"]
+    tokens = rng.integers(0, manifest["codebook_size"], (8, n), dtype=np.int32)
+    half = np.where(rng.random(tokens.shape) < 0.5, mask_id, tokens).astype(np.int32)
+    states = np.concatenate([half, np.full_like(tokens, mask_id)])
+    feeds = {"tokens": states, "uniform": np.full(states.shape, 0.5, np.float32),
+             "gumbel": np.zeros(states.shape, np.float32), "temperature": np.array([1e-4], np.float32),
+             "choice_scale": np.array([0.0], np.float32)}
+    if manifest.get("num_classes", 0):
+        feeds["class_labels"] = np.full(len(states), manifest["num_classes"], np.int32)
+    masked = states == mask_id
+    ref, cand = reference.run(["sampled"], feeds)[0], candidate.run(["sampled"], feeds)[0]
+    return float((ref[masked] == cand[masked]).mean())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine-dir", help="engine directory (default: as benchmarks/latency.py)")
+    parser.add_argument("--ckpt")
+    parser.add_argument("--config", choices=sorted(CONFIGS))
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--budget-s", type=float, default=1.0)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--skip-decoder", action="store_true")
+    args = parser.parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    threads = physical_cores() or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    with tempfile.TemporaryDirectory(prefix="movq-ort-settings-") as tmp:
+        tmp = Path(tmp)
+        if args.config:
+            engine_dir, ckpt = export_fresh_models(args.config, tmp)
+        else:
+            engine_dir = default_engine_dir() if args.engine_dir is None else Path(args.engine_dir)
+            ckpt = resolve_ckpt(args.ckpt, load_manifest(engine_dir), engine_dir)
+        manifest = load_manifest(engine_dir)
+        movq, prior, _ = load_models(ckpt)
+        graphs = manifest["graphs"]
+        prior_path = engine_dir / graphs["fp32"]["prior"]["file"]
+        decoder_path = engine_dir / graphs["fp32"]["decoder"]["file"]
+        heads, width = prior.config.heads, prior.config.width
+        eager = TorchPeer(movq, prior, mode="eager")
+        gemm = gemm_rate(threads, budget_s=2.0)
+        gemm_flops = gemm["cpu_fp32_gflops"] * 1e9
+
+        fused_path, fusions = fused_variant(prior_path, tmp / "prior.fused.onnx", heads, width)
+        int8_variants = {
+            "int8 per-channel, fused + pre-process (export's recipe)": dict(fuse=True, prepare=True, per_channel=True),
+            "int8 per-channel, unfused": dict(fuse=False, prepare=True, per_channel=True),
+            "int8 per-tensor, fused": dict(fuse=True, prepare=True, per_channel=False),
+            "int8 per-channel, fused, output head fp32": dict(
+                fuse=True, prepare=True, per_channel=True,
+                fp32_head=(width, prior.config.c * prior.config.codebook_size)),
+        }
+        prior_sessions = {
+            "fp32 opt disable": lambda: session(prior_path, "disable", threads),
+            "fp32 opt basic": lambda: session(prior_path, "basic", threads),
+            "fp32 opt extended": lambda: session(prior_path, "extended", threads),
+            "fp32 opt all (runtime default)": lambda: session(prior_path, "all", threads),
+            "fp32 opt all, 1 thread": lambda: session(prior_path, "all", 1),
+            "fp32 opt all, no spinning": lambda: session(prior_path, "all", threads, spinning=False),
+            "fp32 BERT-fused + opt all": lambda: session(fused_path, "all", threads),
+            # made inside the batch loop below: `batch` is the batch size being timed
+            "fp32 opt all, batch axis fixed": lambda: session(prior_path, "all", threads, fixed_batch=batch),
+            "fp32 opt all, dynamic block base 4": lambda: session(prior_path, "all", threads, block_base=4),
+        }
+        for name, options in int8_variants.items():
+            path = quantize_variant(prior_path, tmp / f"prior.int8.{len(prior_sessions)}.onnx", heads, width, **options)
+            prior_sessions[name] = lambda path=path: session(path, "all", threads)
+        if "int8" in graphs:
+            prior_sessions["int8 from the engine dir"] = lambda: session(engine_dir / graphs["int8"]["prior"]["file"])
+
+        rows = []
+        reference = session(prior_path, "all", threads)
+
+        def record(graph, variant, batch, fn, flops, agreement=None):
+            stats = summarize(time_calls(fn, args.budget_s), batch)
+            row = {"graph": graph, "variant": variant, "batch": batch, **stats,
+                   "gflops_per_s": flops / (stats["p50_ms"] / 1e3) / 1e9,
+                   "gemm_fraction": flops / (stats["p50_ms"] / 1e3) / gemm_flops}
+            if agreement is not None:
+                row["top_token_agreement"] = agreement
+            rows.append(row)
+            print(f"{graph:7s} {variant:58s} batch {batch:3d}: p50 {stats['p50_ms']:8.2f} ms "
+                  f"{row['gemm_fraction']:5.0%} of GEMM" + (f"  agreement {agreement:.1%}" if agreement else ""))
+
+        for batch in batch_sizes:
+            feeds = stage_feeds("prior_step", batch, manifest, np.random.default_rng(batch))
+            flops = prior_step_flops(prior.config, batch)["total"]
+            torch_feeds = dict(feeds)
+            record("prior", "pytorch eager fp32", batch, lambda: eager.runners["prior"].run(torch_feeds), flops)
+            for variant, make in prior_sessions.items():
+                sess = make()
+                agreement = top_token_agreement(reference, sess, manifest) if variant.startswith("int8") else None
+                record("prior", variant, batch, lambda: sess.run(None, feeds), flops, agreement)
+                if variant.startswith("fp32 opt all (runtime"):
+                    record("prior", "fp32 opt all + I/O binding", batch, io_bound_call(sess, feeds), flops)
+            if not args.skip_decoder:
+                dfeeds = stage_feeds("decode", batch, manifest, np.random.default_rng(batch))
+                dflops = batch * counted_flops(lambda: eager.runners["decoder"].run(
+                    stage_feeds("decode", 1, manifest, np.random.default_rng(0))))
+                record("decoder", "pytorch eager fp32", batch, lambda: eager.runners["decoder"].run(dfeeds), dflops)
+                for level in ("disable", "basic", "extended", "all"):
+                    sess = session(decoder_path, level, threads)
+                    record("decoder", f"fp32 opt {level}", batch, lambda: sess.run(None, dfeeds), dflops)
+                sess = session(decoder_path, "all", 1)
+                record("decoder", "fp32 opt all, 1 thread", batch, lambda: sess.run(None, dfeeds), dflops)
+
+    for row in rows:
+        base = next(r for r in rows if (r["graph"], r["batch"], r["variant"]) ==
+                    (row["graph"], row["batch"], "pytorch eager fp32"))
+        row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
+    lines = ["| graph | variant | batch | p50 ms | x eager | % GEMM | top-token agreement |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        agreement = f"{row['top_token_agreement']:.1%}" if "top_token_agreement" in row else ""
+        lines.append(f"| {row['graph']} | {row['variant']} | {row['batch']} | {row['p50_ms']:.2f} | "
+                     f"{row['speedup_vs_eager']:.2f} | {row['gemm_fraction']:.0%} | {agreement} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    report = {"machine": {**machine_info(), "load_average_at_end": load_average()}, "threads": threads,
+              "gemm": gemm, "bert_fusions": fusions, "model": args.config or str(ckpt), "rows": rows}
+    out = Path(args.out)
+    atomic_write_text(out / "ort_settings.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "ort_settings.md", f"BERT fusions: {fusions}\n\n{table}\n")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"ort_settings.py: {error}")
