@@ -21,12 +21,10 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.timing import summarize, time_calls  # noqa: E402
-
-BLOCK = 32
-
+from movq_deploy.models.graphs import inverse_cdf_draw  # noqa: E402
 
 class FlatDraw(torch.nn.Module):
-    """As PriorStepGraph draws: count of cdf < uniform * total over all K codes."""
+    """The flat draw (PriorStepGraph's first form): count of cdf < uniform * total over all K codes."""
 
     def forward(self, logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         cdf = logits.log_softmax(-1).exp().cumsum(-1)  # (B, N, K)
@@ -35,20 +33,10 @@ class FlatDraw(torch.nn.Module):
 
 
 class BlockedDraw(torch.nn.Module):
-    """The same draw in two levels: which block of BLOCK codes, then which code inside it."""
+    """The two-level draw PriorStepGraph uses (movq_deploy.models.graphs.inverse_cdf_draw)."""
 
     def forward(self, logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        batch, slots, codes = logits.shape
-        blocks = logits.log_softmax(-1).exp().reshape(batch, slots, codes // BLOCK, BLOCK)  # (B, N, G, S)
-        block_cdf = blocks.sum(-1).cumsum(-1)  # (B, N, G)
-        threshold = uniform[..., None] * block_cdf[..., -1:]  # (B, N, 1)
-        block = (block_cdf < threshold).float().sum(-1).clamp(max=codes // BLOCK - 1).to(torch.int64)  # (B, N)
-        before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)[..., None])[..., 0],
-                             torch.zeros_like(threshold[..., 0]))  # (B, N): mass of the blocks before
-        inside = blocks.gather(2, block[..., None, None].expand(batch, slots, 1, BLOCK))[:, :, 0]  # (B, N, S)
-        cdf = inside.cumsum(-1) + before[..., None]  # (B, N, S)
-        code = (cdf < threshold).float().sum(-1).to(torch.int64)
-        return (block * BLOCK + code).clamp(max=codes - 1)
+        return inverse_cdf_draw(logits.log_softmax(-1).exp(), uniform)
 
 
 def main(argv=None) -> None:
@@ -61,8 +49,6 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
             batch, slots, codes = (int(x) for x in shape.split("x"))
-            if codes % BLOCK:
-                raise ValueError(f"K = {codes} is not a multiple of the block size {BLOCK}")
             generator = torch.Generator().manual_seed(0)
             logits = torch.randn(batch, slots, codes, generator=generator) * 3
             uniform = torch.rand(batch, slots, generator=generator)
