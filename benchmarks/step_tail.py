@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 from movq_deploy.models.graphs import inverse_cdf_draw  # noqa: E402
 
+
 class FlatDraw(torch.nn.Module):
     """The flat draw (PriorStepGraph's first form): count of cdf < uniform * total over all K codes."""
 
