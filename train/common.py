@@ -6,11 +6,14 @@ rank 0 writes files.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -138,3 +141,13 @@ def load_resume(path: Path, stage: str) -> dict:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def run_cli(build_parser: "Callable[[], argparse.ArgumentParser]", train: "Callable[[argparse.Namespace], dict]",
+            argv: "list[str] | None" = None) -> None:
+    """A training script's entry point: bad input (a missing file, a foreign checkpoint) exits with one line."""
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

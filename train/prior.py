@@ -36,7 +36,8 @@ from movq_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from movq_deploy.models.data import load_data
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
-from train.common import MetricsLog, cleanup_distributed, load_resume, save_resume, setup_distributed, warmup_cosine
+from train.common import (MetricsLog, cleanup_distributed, load_resume, run_cli, save_resume, setup_distributed,
+                          warmup_cosine)
 
 STAGE = "prior"
 RESUME_FILE = "resume_prior.pt"
@@ -269,11 +270,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":

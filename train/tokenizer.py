@@ -33,7 +33,7 @@ from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.data import HeldOutCrops, load_data, to_uint8
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from train.common import (MetricsLog, all_reduce_sum, batch_indices, cleanup_distributed, load_resume,
-                          perplexity_and_dead, psnr, save_resume, setup_distributed, unwrap, warmup_cosine)
+                          perplexity_and_dead, psnr, run_cli, save_resume, setup_distributed, unwrap, warmup_cosine)
 from train.perceptual import load_perceptual
 
 STAGE = "tokenizer"
@@ -311,11 +311,7 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":
