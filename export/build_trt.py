@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from movq_deploy import engine_cache
 from movq_deploy.engine_cache import TIMING_CACHE_NAME
-from movq_deploy.backends.tensorrt import current_platform
+from movq_deploy.backends.tensorrt import current_platform, trt_logger
 from movq_deploy.files import atomic_path, atomic_write_bytes
 from movq_deploy.manifest import load_manifest, verify_file, write_manifest
 
@@ -84,7 +84,7 @@ def build_engines(engine_dir: "str | Path", options: BuildOptions, log: Callable
 
 def build_serialized_engine(trt, onnx_path: Path, options: BuildOptions, timing_cache: bytes, log=print) -> "tuple[bytes, bytes]":
     """(serialized engine, updated timing cache) for the ONNX graph at `onnx_path`."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # 10.x: opt in; 11.x: always on (flag ignored)

@@ -20,6 +20,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from movq_deploy.backends import BACKENDS, PRECISIONS
 from movq_deploy.files import atomic_path
 from movq_deploy.images import extend_canvas, load_image, load_mask, make_grid, mask_preview
 
@@ -110,9 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(command=function)
         sub.add_argument("--engine-dir", default="engines", help="engine directory (default: engines)")
-        sub.add_argument("--backend", default="auto",
-                         choices=["auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu"])
-        sub.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
+        sub.add_argument("--backend", default="auto", choices=BACKENDS)
+        sub.add_argument("--precision", default="auto", choices=PRECISIONS)
         sub.add_argument("--batch-size", type=int, default=None, help="most images per engine call")
         return sub
 

@@ -8,7 +8,7 @@ carries exactly that, plus the sha256 of the ONNX graph it came from and of the 
                                     "gpu_name", "compute_capability", "profile": {"min", "opt", "max"},
                                     "precision", "tf32"}}}
 
-export/build_trt.py rebuilds an engine unless all of (ONNX hash, TensorRT version, GPU, precision, profile) match
+export/build_trt.py rebuilds an engine unless all of (ONNX hash, TensorRT version, GPU, precision, profile, TF32) match
 and the plan on disk is intact; the runtime refuses an engine whose TensorRT version or GPU differ from this
 machine's. Pure Python (no TensorRT, no CUDA, no numpy), so all of it is tested on machines without a GPU.
 """
@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Optional
 
 from movq_deploy.files import sha256_file
+from movq_deploy.manifest import GRAPH_NAMES
 
-# The graphs an engine directory turns into engines, and the precisions TensorRT builds from: fp32 and fp16 ONNX
-# graphs. The "int8" graphs are ONNX Runtime dynamic quantization (MatMulInteger), which TensorRT does not parse.
-ENGINE_GRAPHS = ("encoder", "decoder", "prior")
+# The graphs an engine directory turns into engines (all of them), and the precisions TensorRT builds from: fp32 and
+# fp16 ONNX graphs. The "int8" graphs are ONNX Runtime dynamic quantization (MatMulInteger), which TensorRT does not
+# parse.
+ENGINE_GRAPHS = GRAPH_NAMES
 ENGINE_PRECISIONS = ("fp32", "fp16")
 # The builder's timing cache, kept in the engine directory so that rebuilds and re-exports reuse it.
 TIMING_CACHE_NAME = "tensorrt.timing-cache"

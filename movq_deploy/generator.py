@@ -157,10 +157,7 @@ class Generator:
         check_output_type(output_type)
         if not (_is_int(feather) and feather >= 0):
             raise ValueError(f"feather must be a non-negative int (pixels), got {feather!r}")
-        pixels = to_uint8_images(images, self.image_size)
-        pixel_masks = to_bool_masks(masks, len(pixels), self.image_size)
-        steps = self._steps(steps)
-        ticker = self._edit_ticker(progress, pixel_masks, steps, decode=True)
+        pixels, pixel_masks, steps, ticker = self._edit_inputs(images, masks, steps, progress, decode=True)
         tokens = self._edit_tokens(pixels, pixel_masks, steps, seed, class_labels, temperature, choice_temperature,
                                    ticker)
         edited = self._decode(tokens.reshape(len(pixels), *self.grid), ticker)
@@ -180,10 +177,7 @@ class Generator:
         progress: Optional[Progress] = None,
     ) -> np.ndarray:
         """The token grids `edit` decodes: int32 [B, N]; slots outside the masked cells keep the images' tokens."""
-        pixels = to_uint8_images(images, self.image_size)
-        pixel_masks = to_bool_masks(masks, len(pixels), self.image_size)
-        steps = self._steps(steps)
-        ticker = self._edit_ticker(progress, pixel_masks, steps, decode=False)
+        pixels, pixel_masks, steps, ticker = self._edit_inputs(images, masks, steps, progress, decode=False)
         return self._edit_tokens(pixels, pixel_masks, steps, seed, class_labels, temperature, choice_temperature,
                                  ticker)
 
@@ -197,11 +191,16 @@ class Generator:
         return sampling.edit_tokens(self._step_fn(ticker), tokens, slot_mask, self.mask_id, steps, seed, labels,
                                     temperature, choice_temperature, max_batch=self.batch_size)
 
-    def _edit_ticker(self, progress, pixel_masks: np.ndarray, steps: int, decode: bool) -> "_Ticker":
+    def _edit_inputs(self, images, masks, steps, progress, decode: bool):
+        """(pixels uint8 [B,H,W,3], pixel masks bool [B,H,W], steps, the ticker) of an edit, all checked."""
+        pixels = to_uint8_images(images, self.image_size)
+        pixel_masks = to_bool_masks(masks, len(pixels), self.image_size)
+        steps = self._steps(steps)
         # Engine calls of an edit: encode, the prior steps of the images with something masked, decode.
         count = len(pixel_masks)
         edited = int(pixel_masks.reshape(count, -1).any(axis=1).sum())
-        return _Ticker(progress, self._image_calls(count) * (1 + decode) + self._calls(edited) * steps)
+        ticker = _Ticker(progress, self._image_calls(count) * (1 + decode) + self._calls(edited) * steps)
+        return pixels, pixel_masks, steps, ticker
 
     # ------------------------------------------------------------------------------------- tokenizer graphs
     def encode(self, images: ImagesLike) -> np.ndarray:
@@ -280,7 +279,7 @@ class Generator:
         if self.num_classes == 0 or class_labels is None:
             return sampling.resolve_class_labels(class_labels, n, self.num_classes)
         single = isinstance(class_labels, (str, numbers.Integral)) or np.ndim(class_labels) == 0
-        labels = [class_labels] * n if single else list(class_labels)
+        labels = [np.asarray(class_labels).item()] * n if single else list(class_labels)  # 0-d arrays too
         if len(labels) != n:
             raise ValueError(f"got {len(labels)} class labels for {n} images; give one label or one per image")
         ids = []

@@ -29,7 +29,6 @@ from movq_deploy.files import atomic_write_text, sha256_file
 FORMAT = "movq-deploy-engines"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_NAMES = ("encoder", "decoder", "prior")
 
 

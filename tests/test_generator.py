@@ -88,6 +88,9 @@ def test_class_conditional_parity_and_names(tiny_engines, tiny_generator, tiny_r
     assert (ours == reference).all(axis=1).mean() >= 0.9
     by_name = tiny_generator.sample_tokens(n=16, seed=3, class_labels=[tiny_engines.class_names[i] for i in labels])
     assert np.array_equal(by_name, ours)
+    # One label, as an int or a 0-d array, applies to every image.
+    one = tiny_generator.sample_tokens(n=2, steps=2, seed=3, class_labels=1)
+    assert np.array_equal(tiny_generator.sample_tokens(n=2, steps=2, seed=3, class_labels=np.array(1)), one)
     # No label = the null class, which changes the samples.
     assert not np.array_equal(tiny_generator.sample_tokens(n=16, seed=3), ours)
 

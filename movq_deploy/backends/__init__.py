@@ -20,11 +20,13 @@ from typing import Dict, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
+from movq_deploy.manifest import GRAPH_NAMES
+
 logger = logging.getLogger("movq_deploy")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-GRAPHS = ("encoder", "decoder", "prior")
+GRAPHS = GRAPH_NAMES
 
 
 @dataclass(frozen=True)

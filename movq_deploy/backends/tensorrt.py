@@ -214,7 +214,7 @@ class TensorRTRunner:
         self.cuda_graphs = bool(cuda_graphs)
         self._trt = trt
         self._lock = threading.Lock()
-        self._runtime = trt.Runtime(_trt_logger(trt))
+        self._runtime = trt.Runtime(trt_logger(trt))
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
             raise ValueError(f"TensorRT {trt.__version__} could not deserialize {plan_path} (see its log above)")
@@ -270,11 +270,12 @@ class TensorRTRunner:
     @property
     def captured_batch_sizes(self) -> list:
         """The batch sizes with a captured CUDA graph (for tests and benchmarks)."""
-        return sorted(
-            state.shapes[self._dynamic_inputs[0]][0]
-            for state in self._states.values()
-            if state.graph_exec is not None and self._dynamic_inputs
-        )
+        with self._lock:  # run() adds states from other threads
+            return sorted(
+                state.shapes[self._dynamic_inputs[0]][0]
+                for state in self._states.values()
+                if state.graph_exec is not None and self._dynamic_inputs
+            )
 
     def close(self) -> None:
         """Frees the graphs, contexts, buffers and stream (also done when the runner is garbage-collected)."""
@@ -410,9 +411,10 @@ def resolve_precision(manifest: dict, precision: str = "auto") -> str:
         if precision not in engine_cache.ENGINE_PRECISIONS:
             raise ValueError(f"TensorRT engines come in {'/'.join(engine_cache.ENGINE_PRECISIONS)}, not {precision!r}")
         return precision
-    usable = engine_cache.usable_precisions(manifest, current_platform())
+    platform = current_platform()
+    usable = engine_cache.usable_precisions(manifest, platform)
     if not usable:
-        raise ValueError(f"no TensorRT engines usable here: {engine_cache.engines_status(manifest, current_platform())[1]}")
+        raise ValueError(f"no TensorRT engines usable here: {engine_cache.engines_status(manifest, platform)[1]}")
     return usable[0]
 
 
@@ -439,8 +441,9 @@ def _numpy_dtype(trt_dtype, name: str) -> str:
 _LOGGER = None
 
 
-def _trt_logger(trt):
-    """One logger for the process (TensorRT routes every builder and runtime message through it)."""
+def trt_logger(trt):
+    """One logger for the process (TensorRT routes every builder and runtime message through it, and warns when a
+    builder or runtime is given a different one); export/build_trt.py uses it too."""
     global _LOGGER
     if _LOGGER is None:
         _LOGGER = trt.Logger(trt.Logger.WARNING)
