@@ -348,19 +348,25 @@ def add_speedups(rows: list) -> None:
 # ---- int8 agreement and targets ----------------------------------------------------------------------------------
 
 
-def top_token_agreement(fp32_runner, int8_runner, manifest: dict, tokens: np.ndarray) -> float:
-    """Share of masked slots whose most likely token is the same in both priors (a temperature of 1e-4 makes the
-    inverse-CDF draw an argmax), over a half-decoded state built from real samples and the all-masked first step."""
+def agreement_feeds(manifest: dict, tokens: np.ndarray) -> "tuple[dict, np.ndarray]":
+    """Prior-step feeds whose draw is an argmax (temperature 1e-4), and the bool mask of their masked slots: the
+    token grids `tokens` [B, N] half masked at random, then all masked (the first step): 2B states."""
     rng = np.random.default_rng(0)
     mask_id = manifest["mask_id"]
     half = np.where(rng.random(tokens.shape) < 0.5, mask_id, tokens).astype(np.int32)
-    states = np.concatenate([half, np.full_like(tokens, mask_id)])  # (2B, N)
+    states = np.concatenate([half, np.full_like(half, mask_id)])  # (2B, N)
     feeds = {"tokens": states, "uniform": np.full(states.shape, 0.5, np.float32),
              "gumbel": np.zeros(states.shape, np.float32), "temperature": np.array([1e-4], np.float32),
              "choice_scale": np.array([0.0], np.float32)}
     if manifest.get("num_classes", 0):
         feeds["class_labels"] = np.full(len(states), manifest["num_classes"], np.int32)
-    masked = states == mask_id
+    return feeds, states == mask_id
+
+
+def top_token_agreement(fp32_runner, int8_runner, manifest: dict, tokens: np.ndarray) -> float:
+    """Share of masked slots whose most likely token is the same in both priors (a temperature of 1e-4 makes the
+    inverse-CDF draw an argmax), over a half-decoded state built from real samples and the all-masked first step."""
+    feeds, masked = agreement_feeds(manifest, tokens)
     reference, candidate = fp32_runner.run(feeds)["sampled"], int8_runner.run(feeds)["sampled"]
     return float((reference[masked] == candidate[masked]).mean())
 

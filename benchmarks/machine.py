@@ -9,10 +9,11 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-import time
 from typing import Optional
 
 import numpy as np
+
+from benchmarks.timing import time_calls
 
 LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "movq-deploy")
 
@@ -93,14 +94,7 @@ def machine_info() -> dict:
 
 def _best_rate(fn, flops: float, budget_s: float) -> float:
     """FLOP/s of `fn`, from the median of repeated runs within `budget_s` (after one warm-up)."""
-    fn()
-    times = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return flops / float(np.median(times))
+    return flops / float(np.median(time_calls(fn, budget_s, warmup=1, min_repeats=3, max_repeats=200)))
 
 
 def _onnxruntime_matmul(a: np.ndarray, b: np.ndarray, threads: int):

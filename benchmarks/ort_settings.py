@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
 from benchmarks.latency import (  # noqa: E402
-    CONFIGS, default_engine_dir, export_fresh_models, resolve_ckpt, stage_feeds,
+    CONFIGS, agreement_feeds, default_engine_dir, export_fresh_models, resolve_ckpt, stage_feeds,
 )
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
@@ -90,15 +90,12 @@ def quantize_variant(fp32_path: Path, out: Path, heads: int, width: int, fuse: b
     """onnxruntime.quantization.quantize_dynamic (int8 weights, uint8 activations quantized at run time);
     `fp32_head` = the head weight's shape keeps that MatMul (the logits) in fp32."""
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
 
     source = fp32_path
+    if fuse:
+        source, _ = fused_variant(source, out.with_suffix(".fused.onnx"), heads, width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if fuse:
-            fused = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=width, opt_level=0)
-            source = out.with_suffix(".fused.onnx")
-            fused.save_model_to_file(str(source))
         if prepare:
             prepared = out.with_suffix(".prepared.onnx")
             quant_pre_process(str(source), str(prepared))
@@ -122,17 +119,9 @@ def fused_variant(fp32_path: Path, out: Path, heads: int, width: int) -> "tuple[
 def top_token_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, manifest: dict) -> float:
     """Most likely token (temperature 1e-4 makes the draw an argmax) of masked slots: half-masked random states
     and the all-masked first step, 8 images each."""
-    rng = np.random.default_rng(0)
-    n, mask_id = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"], manifest["mask_id"]
-    tokens = rng.integers(0, manifest["codebook_size"], (8, n), dtype=np.int32)
-    half = np.where(rng.random(tokens.shape) < 0.5, mask_id, tokens).astype(np.int32)
-    states = np.concatenate([half, np.full_like(tokens, mask_id)])
-    feeds = {"tokens": states, "uniform": np.full(states.shape, 0.5, np.float32),
-             "gumbel": np.zeros(states.shape, np.float32), "temperature": np.array([1e-4], np.float32),
-             "choice_scale": np.array([0.0], np.float32)}
-    if manifest.get("num_classes", 0):
-        feeds["class_labels"] = np.full(len(states), manifest["num_classes"], np.int32)
-    masked = states == mask_id
+    n = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"]
+    tokens = np.random.default_rng(0).integers(0, manifest["codebook_size"], (8, n), dtype=np.int32)
+    feeds, masked = agreement_feeds(manifest, tokens)
     ref, cand = reference.run(["sampled"], feeds)[0], candidate.run(["sampled"], feeds)[0]
     return float((ref[masked] == cand[masked]).mean())
 
@@ -193,7 +182,8 @@ def main(argv=None) -> dict:
             path = quantize_variant(prior_path, tmp / f"prior.int8.{len(prior_sessions)}.onnx", heads, width, **options)
             prior_sessions[name] = lambda path=path: session(path, "all", threads)
         if "int8" in graphs:
-            prior_sessions["int8 from the engine dir"] = lambda: session(engine_dir / graphs["int8"]["prior"]["file"])
+            int8_path = engine_dir / graphs["int8"]["prior"]["file"]
+            prior_sessions["int8 from the engine dir"] = lambda: session(int8_path, "all", threads)
 
         rows = []
         reference = session(prior_path, "all", threads)

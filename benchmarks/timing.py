@@ -59,7 +59,3 @@ class CallTimer:
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1
-
-    def reset(self) -> None:
-        self.seconds = 0.0
-        self.calls = 0

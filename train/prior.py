@@ -32,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from movq_deploy.files import atomic_path
-from movq_deploy.models.checkpoint import load_checkpoint, save_checkpoint
-from movq_deploy.models.data import load_data
-from movq_deploy.models.movq import MoVQ, MoVQConfig
+from movq_deploy.models.checkpoint import load_models, save_checkpoint
+from movq_deploy.models.data import load_data, to_tensor
+from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 from train.common import (MetricsLog, cleanup_distributed, load_resume, run_cli, save_resume, setup_distributed,
                           warmup_cosine)
@@ -101,8 +101,7 @@ def encode_all(movq: MoVQ, images: np.ndarray, batch_size: int = 256) -> torch.T
     device = next(movq.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device).float().div(127.5).sub(1)
-        out.append(movq.encode(x.permute(0, 3, 1, 2)).flatten(1).cpu())
+        out.append(movq.encode(to_tensor(images[start:start + batch_size]).to(device)).flatten(1).cpu())
     return torch.cat(out)
 
 
@@ -156,13 +155,11 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     dist_info = setup_distributed(args.device)
     device, main = dist_info.device, dist_info.is_main
-    ckpt = load_checkpoint(args.ckpt)
+    movq, _, ckpt = load_models(args.ckpt, device, with_prior=False)  # one-line errors for bad files and weights
+    movq.requires_grad_(False)
     out = Path(args.out) if args.out else Path(args.ckpt)
     run_dir = out.parent
 
-    movq = MoVQ(MoVQConfig.from_dict(ckpt["tokenizer_config"]))
-    movq.load_state_dict(ckpt["tokenizer"])
-    movq.requires_grad_(False).eval().to(device)
     digest = tokenizer_digest(ckpt["tokenizer"])
     data_dir = args.data
     tokenizer_source = ckpt.get("record", {}).get("tokenizer", {}).get("data", {}).get("source")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import save_checkpoint
-from movq_deploy.models.data import HeldOutCrops, load_data, to_uint8
+from movq_deploy.models.data import HeldOutCrops, load_data, to_tensor, to_uint8
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from train.common import (MetricsLog, all_reduce_sum, batch_indices, cleanup_distributed, load_resume,
                           perplexity_and_dead, psnr, run_cli, save_resume, setup_distributed, unwrap, warmup_cosine)
@@ -134,8 +134,7 @@ def evaluate(model: MoVQ, eval_set: HeldOutCrops, batch_size: int = 64) -> dict:
     originals, _ = eval_set.arrays()
     recons, counts = [], torch.zeros(model.config.codebook_size, dtype=torch.int64)
     for start in range(0, len(originals), batch_size):
-        x = torch.from_numpy(originals[start:start + batch_size]).to(device).float().div(127.5).sub(1)
-        indices = model.encode(x.permute(0, 3, 1, 2))
+        indices = model.encode(to_tensor(originals[start:start + batch_size]).to(device))
         recons.append(to_uint8(model.decode(indices)))
         counts += torch.bincount(indices.flatten().cpu(), minlength=model.config.codebook_size)
     model.train(was_training)

@@ -82,8 +82,9 @@ def load_checkpoint(path: "str | os.PathLike[str]") -> dict:
     return ckpt
 
 
-def load_models(path: "str | os.PathLike[str]", device: "str | torch.device" = "cpu"):
-    """-> (MoVQ, MaskGITPrior or None, ckpt dict), both models in eval mode on `device`."""
+def load_models(path: "str | os.PathLike[str]", device: "str | torch.device" = "cpu", with_prior: bool = True):
+    """-> (MoVQ, MaskGITPrior or None, ckpt dict), both models in eval mode on `device` (the prior None when the
+    checkpoint has none, or with_prior=False)."""
     from movq_deploy.models.movq import MoVQ, MoVQConfig
 
     ckpt = load_checkpoint(path)
@@ -91,7 +92,7 @@ def load_models(path: "str | os.PathLike[str]", device: "str | torch.device" = "
     _load_state(movq, ckpt["tokenizer"], path, "tokenizer")
     movq.to(device).eval()
     prior = None
-    if "prior" in ckpt:
+    if with_prior and "prior" in ckpt:
         from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 
         prior = MaskGITPrior(PriorConfig.from_dict(ckpt["prior_config"]))

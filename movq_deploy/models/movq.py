@@ -37,6 +37,14 @@ import torch.nn.functional as F
 MODULATIONS = ("none", "first", "all")
 
 
+def config_from_dict(cls, d: dict):
+    """The config dataclass `cls` from a plain dict (ckpt.pt, manifest.json); unknown keys are a ValueError."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class MoVQConfig:
     """Tokenizer hyper-parameters. Build one with `MoVQConfig.preset(name)` and adjust with `dataclasses.replace`.
@@ -77,6 +85,10 @@ class MoVQConfig:
         levels = len(self.block_out_channels)
         if levels < 1:
             raise ValueError("block_out_channels must name at least one level")
+        sizes = (self.image_size, self.in_channels, self.layers_per_block, self.norm_groups, self.latent_channels,
+                 self.num_chunks, *self.block_out_channels)
+        if min(sizes) <= 0 or (self.pre_quant_channels is not None and self.pre_quant_channels <= 0):
+            raise ValueError(f"MoVQConfig sizes must be positive: {self}")
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {MODULATIONS}, got {self.modulation!r}")
         if self.modulation == "first" and not 0 <= self.modulated_levels <= levels:
@@ -157,11 +169,7 @@ class MoVQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoVQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MoVQConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str) -> "MoVQConfig":

@@ -12,11 +12,13 @@ graph has the MatMul/Softmax/MatMul pattern that ONNX Runtime's transformer opti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from movq_deploy.models.movq import config_from_dict
 
 
 @dataclass
@@ -68,11 +70,7 @@ class PriorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PriorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown PriorConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str, tokenizer, num_classes: int = 0) -> "PriorConfig":

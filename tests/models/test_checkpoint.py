@@ -48,6 +48,12 @@ def test_stage_one_only_has_no_prior(tmp_path, models):
     assert prior2 is None and "prior" not in ckpt and ckpt["record"] == {}
 
 
+def test_tokenizer_only_load_skips_the_prior(tmp_path, models):
+    movq, prior = models
+    _, prior2, ckpt = load_models(save_both(tmp_path / "ckpt.pt", movq, prior), with_prior=False)
+    assert prior2 is None and "prior" in ckpt
+
+
 def test_save_rejects_incomplete_parts(tmp_path, models):
     movq, prior = models
     with pytest.raises(ValueError, match="prior_config"):

@@ -204,6 +204,9 @@ def test_bad_inputs_raise_one_line_errors():
         MoVQConfig(modulation="some")
     with pytest.raises(ValueError, match="unknown MoVQConfig keys"):
         MoVQConfig.from_dict({**MoVQConfig().to_dict(), "bogus": 1})
+    for bad in ({"num_chunks": 0}, {"norm_groups": 0}, {"image_size": 0}, {"pre_quant_channels": 0}):
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            MoVQConfig(**bad)
 
 
 @pytest.mark.parametrize("name", ["paper-f16", "vqgan-f16", "tiny"])

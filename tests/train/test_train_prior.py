@@ -106,3 +106,10 @@ def test_bad_tokenizer_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as info:
         prior_train.main(["--ckpt", str(bad), "--quiet"])
     assert str(info.value).startswith("error: ") and "\n" not in str(info.value)
+    config = MoVQConfig.preset("tiny")
+    state = MoVQ(config).state_dict()
+    state.pop("quant_conv.weight")  # weights that do not fit their config
+    save_checkpoint(bad, tokenizer_config=config.to_dict(), tokenizer=state)
+    with pytest.raises(SystemExit) as info:
+        prior_train.main(["--ckpt", str(bad), "--quiet"])
+    assert "do not match" in str(info.value) and "\n" not in str(info.value)
