@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             force=args.force,
         )
         build_engines(args.engine_dir, options)
-    except (ImportError, RuntimeError, ValueError, FileNotFoundError) as error:
+    except (ImportError, RuntimeError, ValueError, OSError) as error:
         print(f"build_trt.py: {error}", file=sys.stderr)
         return 1
     return 0

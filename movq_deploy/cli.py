@@ -34,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.setLevel(logging.INFO)
     try:
         return args.command(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: missing or unreadable files
         print(f"movq-deploy {args.command_name}: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -130,3 +130,12 @@ def test_loading_helpers(tmp_path):
         load_image(tmp_path / "b.png")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mask(tmp_path / "c.png")
+
+
+def test_unwritable_output_ends_with_one_line(tiny_engines, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    rc = cli.main(["sample", "--engine-dir", str(tiny_engines.engine_dir), "-n", "1", "--steps", "1", "--seed", "0",
+                   "--out", str(tmp_path / "file" / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("movq-deploy sample: error:") and "file" in err[-1]
