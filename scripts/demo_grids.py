@@ -2,7 +2,8 @@
 
     python scripts/demo_grids.py --ckpt runs/demo/ckpt.pt --engine-dir runs/demo/engines --out runs/demo
 
-Writes reference_samples.png (64 samples from the PyTorch reference sampler) and edit.png (held-out crops, a masked
+Writes reference_samples.png (64 samples from the PyTorch reference sampler, one row per class for a conditional
+model) and edit.png (held-out crops, a masked
 box, fills for several seeds, and one outpainted crop), and prints the engines' token parity with the reference
 for those 64 samples.
 """
@@ -48,9 +49,14 @@ def main() -> None:
     generator = movq_deploy.Generator(args.engine_dir)
     print(f"engines: {generator.backend_name} ({generator.backend_reason})")
 
-    reference_tokens = reference.sample_tokens(NUM_SAMPLES, steps=generator.default_steps, seed=args.seed)
+    # A conditional model gets one row per class (the photo a crop came from); an unconditional one, no labels.
+    labels = None
+    if generator.num_classes:
+        labels = np.arange(NUM_SAMPLES) * generator.num_classes // NUM_SAMPLES
+    reference_tokens = reference.sample_tokens(NUM_SAMPLES, steps=generator.default_steps, seed=args.seed,
+                                               class_labels=labels)
     make_grid(reference.decode(reference_tokens.reshape(-1, *generator.grid))).save(args.out / "reference_samples.png")
-    engine_tokens = generator.sample_tokens(NUM_SAMPLES, seed=args.seed)
+    engine_tokens = generator.sample_tokens(NUM_SAMPLES, seed=args.seed, class_labels=labels)
     same = int((engine_tokens == reference_tokens).all(axis=1).sum())
     slots = float((engine_tokens == reference_tokens).mean())
     print(f"parity (fp32 ONNX Runtime vs PyTorch reference, seed {args.seed}): {same}/{NUM_SAMPLES} token grids "
