@@ -151,8 +151,6 @@ def sample_tokens(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if class_labels is not None and np.shape(class_labels) != (n,):
-        raise ValueError(f"class_labels must have shape ({n},), got {np.shape(class_labels)}")
     tokens = np.full((n, num_slots), mask_id, dtype=np.int32)
     slot_mask = np.ones((n, num_slots), dtype=bool)
     return edit_tokens(step_fn, tokens, slot_mask, mask_id, steps, seed, class_labels, temperature,
