@@ -32,9 +32,9 @@ from skimage.metrics import structural_similarity
 
 from movq_deploy.files import atomic_write_text
 from movq_deploy.models.movq import MoVQ, MoVQConfig
-from train.common import psnr
-from train.tokenizer import build_parser as tokenizer_parser
-from train.tokenizer import train as train_tokenizer
+from movq_deploy.training.common import psnr
+from movq_deploy.training.tokenizer import build_parser as tokenizer_parser
+from movq_deploy.training.tokenizer import train as train_tokenizer
 
 SECTION = "## Tokenizer ablation"
 

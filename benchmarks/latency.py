@@ -98,7 +98,7 @@ def export_fresh_models(config: str, workdir: Path) -> "tuple[Path, Path]":
     and exported with export/to_onnx.py (fp32 + int8 prior; fp16 too where a GPU backend can run ONNX graphs)."""
     import importlib.util
 
-    from export.to_onnx import export_engine_dir
+    from movq_deploy.export.pipeline import export_engine_dir
     from movq_deploy.backends.onnxruntime import cuda_available
     from movq_deploy.models.movq import MoVQ, MoVQConfig
     from movq_deploy.models.prior import MaskGITPrior, PriorConfig

@@ -18,7 +18,7 @@ import torch
 import movq_deploy
 from movq_deploy.images import extend_canvas, make_grid, mask_preview
 from movq_deploy.models.checkpoint import load_models
-from movq_deploy.models.data import load_data
+from movq_deploy.training.data import load_data
 from movq_deploy.models.reference import ReferenceSampler
 
 NUM_SAMPLES = 64

@@ -25,7 +25,7 @@ class TinyEngines:
 def _export_tiny(root: Path, num_classes: int, class_names: "list[str]", seed: int, int8: bool) -> TinyEngines:
     import torch
 
-    from export.to_onnx import export_engine_dir
+    from movq_deploy.export.pipeline import export_engine_dir
     from movq_deploy.models.checkpoint import save_checkpoint
     from movq_deploy.models.movq import MoVQ, MoVQConfig
     from movq_deploy.models.prior import MaskGITPrior, PriorConfig

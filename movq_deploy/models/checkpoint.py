@@ -7,7 +7,7 @@
  "record": dict}                                   # short training record (steps, data summary, metrics)
 
 Only tensors and plain Python values, so `torch.load(path, weights_only=True)` loads it; written to a temporary
-name and renamed. Optimizer and resume state live in a separate file (see train/common.py).
+name and renamed. Optimizer and resume state live in a separate file (see movq_deploy/training/common.py).
 """
 from __future__ import annotations
 

@@ -228,7 +228,7 @@ def trt_engine_dir(tiny_engines, tmp_path_factory):
     """tests/conftest.py's tiny checkpoint, exported here with fp16 graphs too (the shared engine dir is left
     untouched), with fp32 (TF32 off, for exact parity) and fp16 engines for batch 1..4."""
     from export.build_trt import BuildOptions, build_engines
-    from export.to_onnx import export_engine_dir
+    from movq_deploy.export.pipeline import export_engine_dir
     from movq_deploy.engine_cache import BatchProfile
 
     engine_dir = tmp_path_factory.mktemp("tensorrt") / "engines"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import train.prior as prior_train
+import movq_deploy.training.prior as prior_train
 from movq_deploy.models.checkpoint import load_checkpoint, load_models, save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-import train.tokenizer as tokenizer
+import movq_deploy.training.tokenizer as tokenizer
 from movq_deploy.models.checkpoint import load_checkpoint, load_models
-from train.perceptual import VGG16_LAYOUT, load_perceptual
+from movq_deploy.training.perceptual import VGG16_LAYOUT, load_perceptual
 
 
 def args_for(out, *extra):

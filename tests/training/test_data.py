@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from movq_deploy.models.data import EMBEDDED_PHOTOS, embedded_data, folder_data, load_data, to_tensor, to_uint8
+from movq_deploy.training.data import EMBEDDED_PHOTOS, embedded_data, folder_data, load_data, to_tensor, to_uint8
 
 SIZE = 32
 

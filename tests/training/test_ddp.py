@@ -4,18 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent("""
     import os, sys
     import torch
-    sys.path.insert(0, {repo!r})
     from movq_deploy.models.movq import MoVQ, MoVQConfig
-    from train.tokenizer import build_parser, train
+    from movq_deploy.training.tokenizer import build_parser, train
     out = sys.argv[1]
     args = build_parser().parse_args(["--out", out, "--steps", "3", "--batch-size", "2", "--disc-start", "1",
                                       "--restart-dead-every", "1", "--log-every", "1", "--eval-every", "3",
@@ -23,14 +19,14 @@ WORKER = textwrap.dedent("""
     torch.manual_seed(0)  # train() starts from the same seed
     initial = MoVQ(MoVQConfig.preset("tiny")).state_dict()
     model = train(args)["model"]
-    replica = os.path.join(out, f"replica{{os.environ['RANK']}}.pt")
-    torch.save({{"trained": model.state_dict(), "initial": initial}}, replica)
+    replica = os.path.join(out, f"replica{os.environ['RANK']}.pt")
+    torch.save({"trained": model.state_dict(), "initial": initial}, replica)
 """)
 
 
 def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(repo=str(REPO)))
+    worker.write_text(WORKER)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            str(out)]

@@ -1,0 +1,143 @@
+"""Reduced-precision graphs: fp16 (norms, softmax and the sampling tail kept in fp32) and the int8 prior (ONNX
+Runtime's dynamic quantization)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+
+from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops
+from movq_deploy.export.specs import ExportError, GraphSpec, io_shapes
+
+# Kept in fp32 in the fp16 graphs (besides the nodes after the last Conv / after "logits / temperature", below).
+FP16_OP_BLOCK_LIST = [
+    "GroupNormalization", "InstanceNormalization", "LayerNormalization", "Softmax", "LogSoftmax",
+    "CumSum", "Log", "Exp", "ReduceSum", "ReduceMean", "ArgMin", "ArgMax", "TopK",
+]
+
+
+def _downstream_nodes(model: onnx.ModelProto, tensors: "set[str]") -> "list[str]":
+    """Names of the nodes that depend on any of `tensors` (nodes are stored in topological order)."""
+    reached, names = set(tensors), []
+    for node in model.graph.node:
+        if reached.intersection(node.input):
+            names.append(node.name)
+            reached.update(node.output)
+    return names
+
+
+def fp16_tail(name: str, model: onnx.ModelProto) -> "list[str]":
+    """The nodes an fp16 graph keeps in fp32 by name: the prior's sampling head (everything from logits /
+    temperature on: softmax, CumSum, the counts, log-probabilities, confidence), the encoder's nearest-code search
+    and the decoder's clamp/scale/round (both: everything after the last Conv)."""
+    if name == "prior":
+        return _downstream_nodes(model, {"temperature"})
+    last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]
+    return _downstream_nodes(model, set(last_conv.output))
+
+
+def convert_fp16(spec: GraphSpec, fp32_path: Path, path: Path, opset: int) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    for index, node in enumerate(model.graph.node):  # node_block_list selects by name
+        node.name = node.name or f"{node.op_type}_{index}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK_LIST)),
+            node_block_list=fp16_tail(spec.name, model),
+        )
+    _sort_topologically(model)  # the converter appends its Casts at the end of the node list
+    _remove_cast_round_trips(model)
+    onnx.save(model, str(path))
+    return finalize_graph(spec, path, opset, io_shapes(spec))
+
+
+def _sort_topologically(model: onnx.ModelProto) -> None:
+    """Reorders the nodes so that each comes after the producers of its inputs (stable otherwise)."""
+    nodes = list(model.graph.node)
+    available = {v.name for v in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        waiting = []
+        for node in pending:
+            if available.issuperset(node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ExportError(f"the fp16 graph has a cycle or a dangling input at node {waiting[0].name}")
+        pending = waiting
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+def _remove_cast_round_trips(model: onnx.ModelProto) -> None:
+    """Drops fp32 -> Cast(fp16) -> Cast(fp32) pairs.
+
+    The converter wraps each blocked node in Casts, so two blocked nodes in a row would pass their fp32 values
+    through fp16; without the pair the blocked tail (sampling head, nearest-code search) really stays fp32.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtypes = {v.name: v.type.tensor_type.elem_type
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    outputs = {v.name for v in model.graph.output}
+
+    def cast_to(node, dtype) -> bool:
+        return node.op_type == "Cast" and node.attribute[0].i == dtype
+
+    renamed = {}
+    for node in model.graph.node:
+        if not cast_to(node, onnx.TensorProto.FLOAT):
+            continue
+        down = producer.get(node.input[0])
+        if down is None or not cast_to(down, onnx.TensorProto.FLOAT16):
+            continue
+        if dtypes.get(down.input[0]) != onnx.TensorProto.FLOAT:
+            continue
+        if node.output[0] in outputs:  # keep the output's name: the pair becomes an Identity of the fp32 value
+            node.op_type, node.input[0] = "Identity", down.input[0]
+            del node.attribute[:]
+        else:
+            renamed[node.output[0]] = down.input[0]
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    # Casts left without consumers (the round trips just bypassed) go.
+    while True:
+        used = {name for node in model.graph.node for name in node.input} | outputs
+        dead = [node for node in model.graph.node if node.op_type == "Cast" and node.output[0] not in used]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+
+
+def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -> dict:
+    """prior.int8.onnx: ONNX Runtime's BERT fusions, quant_pre_process, then dynamic int8 quantization of the
+    weights (per channel). The result holds com.microsoft ops: it is an ONNX Runtime (CPU) graph, not a TensorRT
+    one. Returns the fused-operator counts."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = spec.module.step.prior.config
+    fused_path, prepared_path = scratch / "prior.fused.onnx", scratch / "prior.prepared.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = optimize_model(str(fp32_path), model_type="bert", num_heads=config.heads, hidden_size=config.width,
+                               opt_level=0)
+        fusions = {op: count for op, count in fused.get_fused_operator_statistics().items() if count}
+        fused.save_model_to_file(str(fused_path))
+        quant_pre_process(str(fused_path), str(prepared_path))
+        quantize_dynamic(str(prepared_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    model = onnx.load(str(path))
+    bad = forbidden_ops(model)
+    if bad:
+        raise ExportError(f"prior.int8.onnx holds ops TensorRT cannot run: {', '.join(bad)}")
+    onnx.checker.check_model(model)
+    return fusions

@@ -1,0 +1,112 @@
+"""export_engine_dir on a tiny random-weight model: files, manifest, clean graphs, validation, atomicity."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from movq_deploy import manifest as mf
+from movq_deploy.export import validation
+from movq_deploy.export.pipeline import export_engine_dir
+from movq_deploy.export.specs import ExportError
+
+
+def _graph_files(manifest):
+    return [(precision, name, entry) for precision, graphs in manifest["graphs"].items()
+            for name, entry in graphs.items()]
+
+
+def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_names):
+    out, manifest, _ = exported
+    assert mf.load_manifest(out) == json.loads(json.dumps(manifest | {"format": mf.FORMAT,
+                                                                       "format_version": mf.FORMAT_VERSION}))
+    names = {entry["file"] for _, _, entry in _graph_files(manifest)}
+    assert names == {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
+                     "prior.fp16.onnx", "prior.int8.onnx"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json"})
+    for _, _, entry in _graph_files(manifest):
+        mf.verify_file(out, entry)
+    assert manifest["grid"] == {"h": 8, "w": 8, "c": 2}
+    assert manifest["codebook_size"] == manifest["mask_id"] == 16 and manifest["image_size"] == 16
+    assert manifest["num_classes"] == 3 and manifest["class_names"] == class_names
+    assert manifest["sampling"]["steps"] == 6 and len(manifest["sampling"]["remask_counts"]) == 6
+    assert manifest["sampling"]["remask_counts"][-1] == 0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_graphs_are_clean_with_a_dynamic_batch_and_typed_boundaries(exported):
+    out, manifest, _ = exported
+    expected = {
+        "encoder": ({"image": ("uint8", ["batch", 16, 16, 3])}, {"indices": ("int32", ["batch", 8, 8, 2])}),
+        "decoder": ({"indices": ("int32", ["batch", 8, 8, 2])}, {"image": ("uint8", ["batch", 16, 16, 3])}),
+        "prior": ({"tokens": ("int32", ["batch", 128]), "class_labels": ("int32", ["batch"]),
+                   "uniform": ("float32", ["batch", 128]), "gumbel": ("float32", ["batch", 128]),
+                   "temperature": ("float32", [1]), "choice_scale": ("float32", [1])},
+                  {"sampled": ("int32", ["batch", 128]), "confidence": ("float32", ["batch", 128])}),
+    }
+    for precision, name, entry in _graph_files(manifest):
+        inputs, outputs = expected[name]
+        assert {t["name"]: (t["dtype"], t["shape"]) for t in entry["inputs"]} == inputs
+        assert {t["name"]: (t["dtype"], t["shape"]) for t in entry["outputs"]} == outputs
+        if precision == "int8":
+            continue  # com.microsoft quantized ops: checked by ONNX Runtime below, not by the ONNX schemas
+        model = onnx.load(str(out / entry["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        assert entry["opset"] == 18 and {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
+        assert len(model.graph.value_info) > 0  # shapes inferred and stored
+
+
+def test_validation_figures_are_recorded_and_within_tolerance(exported):
+    _, manifest, lines = exported
+    fp32 = manifest["validation"]["fp32"]
+    assert fp32["decoder"]["max_pixel_error"] <= 1 and fp32["decoder"]["fraction_off"] <= 0.01
+    assert fp32["encoder"]["mismatches"] == 0 and fp32["prior"]["token_mismatches"] == 0
+    assert fp32["prior"]["max_confidence_error"] < 1e-3
+    fp16, int8 = manifest["validation"]["fp16"], manifest["validation"]["int8"]
+    assert fp16["decoder"]["max_pixel_error"] <= 8 and fp16["encoder"]["index_agreement"] > 0.9
+    assert fp16["prior"]["top_token_agreement"] > 0.9 and 0.0 < int8["prior"]["top_token_agreement"] <= 1.0
+    assert int8["prior"]["fusions"].get("SkipLayerNormalization", 0) > 0  # the BERT fusions applied
+    assert manifest["validation"]["batch_sizes"] == [1, 3]
+    table = "\n".join(lines)
+    assert "| prior | fp32 | PyTorch |" in table and "| prior | int8 | fp32 ONNX |" in table
+    assert sum(line.startswith(("encoder ", "decoder ", "prior ")) for line in lines) == 7  # progress per graph
+
+
+def test_exported_graphs_run_at_an_unseen_batch_size(exported):
+    out, manifest, _ = exported
+    session = {name: ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
+               for name, entry in manifest["graphs"]["fp32"].items()}
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    (indices,) = session["encoder"].run(None, {"image": images})
+    assert indices.shape == (5, 8, 8, 2) and indices.dtype == np.int32 and indices.max() < 16
+    (decoded,) = session["decoder"].run(None, {"indices": indices})
+    assert decoded.shape == (5, 16, 16, 3) and decoded.dtype == np.uint8
+    tokens = indices.reshape(5, -1).copy()
+    tokens[:, ::2] = 16  # half the slots masked
+    sampled, confidence = session["prior"].run(None, {
+        "tokens": tokens, "class_labels": np.array([0, 1, 2, 3, 0], dtype=np.int32),
+        "uniform": rng.random((5, 128), dtype=np.float32), "gumbel": rng.gumbel(size=(5, 128)).astype(np.float32),
+        "temperature": np.array([1.0], np.float32), "choice_scale": np.array([2.0], np.float32)})
+    assert (sampled[:, 1::2] == tokens[:, 1::2]).all() and np.isinf(confidence[:, 1::2]).all()
+    assert (sampled[:, ::2] < 16).all() and np.isfinite(confidence[:, ::2]).all()
+
+
+def _snapshot(directory):
+    return {p.name: mf.sha256_file(p) for p in directory.iterdir()}
+
+
+def test_a_failed_validation_leaves_the_previous_engine_dir_intact(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "prior.onnx").write_bytes(b"the previous export")
+    mf.write_manifest(out, {"graphs": {"fp32": {"prior": mf.file_entry(out, "prior.onnx")}}})
+    before = _snapshot(out)
+    monkeypatch.setitem(validation.TOLERANCE, "encoder_max_mismatches", -1)  # nothing can pass now
+    with pytest.raises(ExportError, match=r"encoder\.onnx disagrees with PyTorch: mismatches = 0 > -1"):
+        export_engine_dir(ckpt, out, log=lambda line: None)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["engines"]  # the temporary directory is gone
