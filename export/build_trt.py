@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from movq_deploy import engine_cache
 from movq_deploy.engine_cache import TIMING_CACHE_NAME
+from movq_deploy.export import tensorrt_lint
 from movq_deploy.backends.tensorrt import current_platform, trt_logger
 from movq_deploy.files import atomic_path, atomic_write_bytes
 from movq_deploy.manifest import load_manifest, verify_file, write_manifest
@@ -68,6 +69,7 @@ def build_engines(engine_dir: "str | Path", options: BuildOptions, log: Callable
             results[graph] = "up to date"
             continue
         log(f"{graph}: building from {onnx_path.name} ({reason})")
+        tensorrt_lint.check_file(onnx_path)  # TensorRT's parser rules, in one line, before its longer log
         timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
         plan, timing_cache = build_serialized_engine(trt, onnx_path, options, timing_cache, log)
         plan_name = engine_cache.plan_file_name(graph, options.precision)

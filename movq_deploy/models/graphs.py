@@ -37,8 +37,11 @@ def inverse_cdf_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, N, G)
     threshold = uniform[..., None] * block_cdf[..., -1:]  # (B, N, 1); the total, not 1, absorbs rounding
     last_block = num_codes // block_size - 1
-    block = (block_cdf < threshold).float().sum(dim=-1).clamp(max=last_block).to(torch.int64)  # (B, N)
-    mass_before = block_cdf.gather(-1, (block - 1).clamp(min=0)[..., None])[..., 0]  # (B, N)
+    # Counted and clamped in float, then cast: TensorRT's operator table has no Clip on INT64.
+    block_count = (block_cdf < threshold).float().sum(dim=-1).clamp(max=last_block)  # (B, N)
+    block = block_count.to(torch.int64)
+    previous = (block_count - 1).clamp(min=0).to(torch.int64)  # (B, N)
+    mass_before = block_cdf.gather(-1, previous[..., None])[..., 0]  # (B, N)
     mass_before = torch.where(block > 0, mass_before, torch.zeros_like(mass_before))
     inside = blocks.gather(2, block[..., None, None].expand(-1, -1, 1, block_size))[:, :, 0]  # (B, N, S)
     cdf = inside.cumsum(dim=-1) + mass_before[..., None]  # (B, N, S)
@@ -57,7 +60,9 @@ class EncoderGraph(nn.Module):
         self.movq = movq
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        # Cast before any other op: TensorRT's ONNX parser allows UINT8 only at the network's edges, straight into
+        # (or out of) a Cast, so a Transpose on the uint8 image would fail to parse.
+        x = image.float().permute(0, 3, 1, 2) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
         return self.movq.encode(x).to(torch.int32)  # (B, h, w, c)
 
 
@@ -74,7 +79,7 @@ class DecoderGraph(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         x = self.movq.decode(indices.long())  # (B, 3, H, W), ~[-1, 1]
         x = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-        return x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H, W, 3)
+        return x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H, W, 3); the Cast is the last op (uint8 edge rule)
 
 
 class PriorStepGraph(nn.Module):
