@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.to_onnx import export_engine_dir
+from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.tensorrt_lint import check_file, lint_file, lint_model
 from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
@@ -17,8 +17,8 @@ from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 
 
 @pytest.fixture(scope="module")
-def fresh_export(tmp_path_factory):
-    """A fresh fp32 + fp16 + int8 export of the tiny conditional model."""
+def demo_export(tmp_path_factory):
+    """A fresh fp32 + fp16 + int8 export of the "tiny" preset (the demo's model), conditional."""
     root = tmp_path_factory.mktemp("lint")
     torch.manual_seed(3)
     movq_config = MoVQConfig.preset("tiny")
@@ -28,6 +28,13 @@ def fresh_export(tmp_path_factory):
                            prior=MaskGITPrior(prior_config).state_dict(), class_names=["a", "b"])
     manifest = export_engine_dir(ckpt, root / "engines", steps=4, fp16=True, int8=True, log=lambda line: None)
     return root / "engines", manifest
+
+
+@pytest.fixture(params=["demo_export", "exported"])
+def fresh_export(request):
+    """(engine_dir, manifest) of the demo preset, and of the export tests' smaller model (tests/export/conftest.py)."""
+    engine_dir, manifest, *_ = request.getfixturevalue(request.param)
+    return engine_dir, manifest
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
