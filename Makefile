@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[cpu,train,dev]"
+	$(PY) -m pip install -q -e ".[cpu,train,dev,serve]"
 	touch $@
 
 demo: install

@@ -29,6 +29,7 @@ import numpy as np
 from movq_deploy import sampling
 from movq_deploy.generator import Generator, _check_seed, _check_temperatures
 from movq_deploy.images import paste_outside_mask, to_bool_masks, to_uint8_images
+from movq_deploy.serving.steps import prior_step_fn
 
 logger = logging.getLogger("movq_deploy")
 
@@ -112,8 +113,7 @@ class Scheduler:
     def __init__(self, generator: Generator, config: SchedulerConfig = SchedulerConfig()):
         self.generator = generator
         self.config = config
-        self._prior = generator.backend.runners["prior"]
-        self._takes_labels = any(spec.name == "class_labels" for spec in self._prior.inputs)
+        self._prior_step = prior_step_fn(generator)
         self._waiting: Deque[_Request] = collections.deque()
         self._queued_images = 0  # images of waiting requests not admitted yet
         self._active: List[_Image] = []
@@ -184,6 +184,11 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="movq-engine-loop", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still queued or in flight fail with RuntimeError."""
@@ -299,20 +304,19 @@ class Scheduler:
                 sampling.choice_scale(image.step, len(image.counts), image.request.choice_temperature))
             for image in images
         ]
-        feeds = {
-            "tokens": np.stack([image.tokens for image in images]),  # (B, N) int32
-            "uniform": np.stack([image.uniform[image.step] for image in images]),  # (B, N) f32
-            "gumbel": np.stack(scaled_gumbel).astype(np.float32),  # (B, N) f32
-            "temperature": np.array([temperature], dtype=np.float32),
-            "choice_scale": np.ones(1, dtype=np.float32),
-        }
-        if self._takes_labels:
-            feeds["class_labels"] = np.array([image.request.labels[image.position] for image in images],
-                                             dtype=np.int32)  # (B,)
-        out = self._prior.run(feeds)
+        labels = None
+        if images[0].request.labels is not None:
+            labels = np.array([image.request.labels[image.position] for image in images], dtype=np.int32)  # (B,)
+        sampled, confidence = self._prior_step(
+            np.stack([image.tokens for image in images]),  # (B, N) int32
+            labels,
+            np.stack([image.uniform[image.step] for image in images]),  # (B, N) f32
+            np.stack(scaled_gumbel),  # (B, N) f32
+            temperature, 1.0,
+        )
         counts = np.array([image.counts[image.step] for image in images])  # (B,)
-        remask = sampling.select_remask(out["confidence"], counts)
-        tokens = np.where(remask, np.int32(self.generator.mask_id), out["sampled"]).astype(np.int32)
+        remask = sampling.select_remask(confidence, counts)
+        tokens = np.where(remask, np.int32(self.generator.mask_id), sampled).astype(np.int32)
         for image, row in zip(images, tokens):
             image.tokens = row
             image.step += 1

@@ -142,7 +142,7 @@ def test_cancelled_and_failed_requests_do_not_stop_the_loop(tiny_generator, monk
     scheduler = Scheduler(tiny_generator, SchedulerConfig(capacity=2))
     cancelled = scheduler.submit_sample(n=2, steps=2, seed=0)
     assert cancelled.future.cancel()
-    runner = scheduler._prior
+    runner = tiny_generator.backend.runners["prior"]
     real_run = runner.run
     calls = {"n": 0}
 

@@ -1,0 +1,178 @@
+"""What one replica serves: a Generator behind one of three batching modes, called from asyncio.
+
+- "continuous": step-level continuous batching (scheduler.py), the default;
+- "request": request-level dynamic batching with Ray Serve's @serve.batch (the conventional way), for comparison;
+- "none": one request at a time, for comparison.
+
+Each mode bounds what it holds and refuses the rest at once with `Overloaded`. No Ray is needed except for "request".
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from movq_deploy.generator import Generator, _check_seed, _check_temperatures
+from movq_deploy.serving.scheduler import Overloaded, Scheduler, SchedulerConfig
+from movq_deploy.serving.steps import SampleArgs, sample_batch
+
+BATCHING_MODES = ("continuous", "request", "none")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything a replica needs; fixed when the service starts (requests never name files)."""
+
+    engine_dir: str
+    backend: str = "auto"
+    precision: str = "auto"
+    batching: str = "continuous"
+    capacity: int = 64  # images per prior call (continuous), images per @serve.batch batch (request)
+    max_queued_images: int = 256  # waiting images beyond this are refused with 503
+    max_request_images: int = 16  # n above this is refused with 400
+    max_steps: int = 64  # steps above this are refused with 400 (a request's cost grows with its steps)
+    request_timeout_s: float = 60.0  # a request still unanswered then gets 504, and its images are dropped
+    batch_wait_timeout_s: float = 0.02  # @serve.batch's wait for a fuller batch ("request" mode)
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    retry_after_s: int = 1  # the Retry-After of a 503
+
+    def __post_init__(self):
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        for name in ("capacity", "max_queued_images", "max_request_images", "max_steps", "max_body_bytes",
+                     "retry_after_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ImageService:
+    """One Generator and its batching; `await sample(...)` / `await edit(...)` -> (uint8 [n,H,W,3], seed)."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.generator = Generator(config.engine_dir, backend=config.backend, precision=config.precision)
+        self.scheduler: Optional[Scheduler] = None
+        self._held_images = 0  # images accepted and not answered yet ("request" and "none" modes)
+        self._lock = asyncio.Lock()  # "none" mode, and edits in "request" mode: one engine call sequence at a time
+        if config.batching == "continuous":
+            scheduler_config = SchedulerConfig(capacity=config.capacity, max_queued_images=config.max_queued_images,
+                                               max_request_images=config.max_request_images)
+            self.scheduler = Scheduler(self.generator, scheduler_config).start()
+        elif config.batching == "request":
+            from ray import serve  # only this mode needs Ray
+
+            async def run_batch(batch: "list[SampleArgs]") -> "list[np.ndarray]":
+                return await asyncio.to_thread(sample_batch, self.generator, batch)
+
+            self._batched = serve.batch(max_batch_size=config.capacity,
+                                        batch_wait_timeout_s=config.batch_wait_timeout_s)(run_batch)
+
+    def info(self) -> dict:
+        generator = self.generator
+        info = {
+            "model": generator.manifest.get("model", {}),  # the tokenizer and prior configs
+            "image_size": generator.image_size,
+            "grid": dict(zip("hwc", generator.grid)),
+            "codebook_size": generator.codebook_size,
+            "num_classes": generator.num_classes,
+            "class_names": generator.class_names,
+            "default_steps": generator.default_steps,
+            "backend": generator.backend_name,
+            "precision": generator.precision,
+            "batching": self.config.batching,
+            "max_request_images": self.config.max_request_images,
+            "max_steps": self.config.max_steps,
+            "pid": os.getpid(),
+        }
+        if self.scheduler is not None:
+            info["scheduler"] = self.scheduler.stats()
+        return info
+
+    def healthy(self) -> bool:
+        return self.scheduler is None or self.scheduler.alive
+
+    async def sample(self, n: int = 1, seed: Optional[int] = None, class_labels=None, steps: Optional[int] = None,
+                     temperature: float = 1.0, choice_temperature: float = 4.5) -> Tuple[np.ndarray, int]:
+        self._check_steps(steps)
+        if self.scheduler is not None:
+            job = self.scheduler.submit_sample(n, steps, seed, class_labels, temperature, choice_temperature)
+            return await self._bounded(job.wait()), job.seed
+        args = self._sample_args(n, seed, class_labels, steps, temperature, choice_temperature)
+        with self._holding(args.n):
+            if self.config.batching == "request":
+                return await self._bounded(self._batched(args)), args.seed
+            async with self._lock:
+                images = await self._bounded(asyncio.to_thread(sample_batch, self.generator, [args]))
+            return images[0], args.seed
+
+    async def edit(self, images: np.ndarray, masks: np.ndarray, seed: Optional[int] = None, class_labels=None,
+                   steps: Optional[int] = None, temperature: float = 1.0, choice_temperature: float = 4.5,
+                   paste_original: bool = False, feather: int = 2) -> Tuple[np.ndarray, int]:
+        self._check_steps(steps)
+        kwargs = dict(steps=steps, class_labels=class_labels, temperature=temperature,
+                      choice_temperature=choice_temperature, paste_original=paste_original, feather=feather)
+        if self.scheduler is not None:
+            job = self.scheduler.submit_edit(images, masks, seed=seed, **kwargs)
+            return await self._bounded(job.wait()), job.seed
+        seed = _check_seed(seed)
+        with self._holding(self.check_count(len(images))):
+            async with self._lock:
+                call = asyncio.to_thread(self.generator.edit, images, masks, seed=seed, output_type="np", **kwargs)
+                return await self._bounded(call), seed
+
+    async def _bounded(self, awaitable):
+        """Awaits with the request timeout; a timed-out request is cancelled (its images dropped) and gets 504."""
+        try:
+            return await asyncio.wait_for(awaitable, self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the request took longer than {self.config.request_timeout_s:g} s") from None
+
+    def _sample_args(self, n, seed, class_labels, steps, temperature, choice_temperature) -> SampleArgs:
+        n = self.check_count(n)
+        temperature, choice_temperature = _check_temperatures(temperature, choice_temperature)
+        return SampleArgs(n, self.generator._steps(steps), _check_seed(seed),
+                          self.generator._class_labels(class_labels, n), temperature, choice_temperature)
+
+    def check_count(self, n) -> int:
+        """n as an int in [1, max_request_images], or ValueError."""
+        limit = self.config.max_request_images
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 < n <= limit):
+            raise ValueError(f"n must be an int in [1, {limit}], got {n!r}")
+        return n
+
+    def _check_steps(self, steps) -> None:
+        if steps is not None and isinstance(steps, int) and steps > self.config.max_steps:
+            raise ValueError(f"steps must be at most {self.config.max_steps} on this server, got {steps}")
+
+    def _holding(self, n: int) -> "_Holding":
+        if self._held_images + n > self.config.max_queued_images:
+            raise Overloaded(f"overloaded: {self._held_images} images already queued (limit "
+                             f"{self.config.max_queued_images}); retry later")
+        return _Holding(self, n)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+
+class _Holding:
+    """Counts a request's images as held while it is served (the bound of the "request" and "none" modes)."""
+
+    def __init__(self, service: ImageService, n: int):
+        self.service, self.n = service, n
+        service._held_images += n
+
+    def __enter__(self) -> "_Holding":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.service._held_images -= self.n

@@ -1,0 +1,134 @@
+"""The HTTP API on its own (FastAPI under Starlette's test client, no Ray): answers, bad requests, overload."""
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e .[serve])")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from movq_deploy.serving.api import build_api  # noqa: E402
+from movq_deploy.serving.service import ImageService, ServiceConfig  # noqa: E402
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _decoded(payload: dict) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(text)))) for text in payload["images"]])
+
+
+@pytest.fixture(scope="module")
+def client(tiny_engines):
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", max_request_images=4,
+                           max_body_bytes=64 * 1024, request_timeout_s=60)
+    service = ImageService(config)
+    with TestClient(build_api(service), raise_server_exceptions=False) as client:
+        yield client
+    service.close()
+
+
+def test_sample_equals_the_library(client, tiny_generator):
+    response = client.post("/v1/sample", json={"n": 3, "seed": 5, "steps": 3, "class_labels": [0, "blue", None],
+                                               "temperature": 0.9})
+    assert response.status_code == 200, response.text
+    assert response.json()["seed"] == 5
+    want = tiny_generator.sample(n=3, seed=5, steps=3, class_labels=[0, "blue", None], temperature=0.9,
+                                 output_type="np")
+    assert np.array_equal(_decoded(response.json()), want)
+
+    png = client.post("/v1/sample", json={"n": 1, "seed": 5, "steps": 3, "class_labels": 0, "format": "png",
+                                          "temperature": 0.9})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["x-seed"] == "5"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), want[0])
+
+
+def test_edit_equals_the_library(client, tiny_generator):
+    size = tiny_generator.image_size
+    image = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2:] = 255
+    response = client.post("/v1/edit", files={"image": ("in.png", _png(image)), "mask": ("m.png", _png(mask))},
+                           data={"seed": "3", "steps": "3", "n": "2", "class_label": "1"})
+    assert response.status_code == 200, response.text
+    want = tiny_generator.edit([image] * 2, [mask > 127] * 2, seed=3, steps=3, class_labels=1, output_type="np")
+    assert np.array_equal(_decoded(response.json()), want)
+
+
+def test_info_and_health(client, tiny_engines):
+    info = client.get("/v1/info").json()
+    assert info["class_names"] == tiny_engines.class_names and info["backend"] == "onnxruntime-cpu"
+    assert info["batching"] == "continuous" and set(info["grid"]) == {"h", "w", "c"}
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    (b"{not json", 422, "malformed JSON"),
+    (b'{"n": 0}', 400, r"n must be an int in [1, 4]"),
+    (b'{"n": 5}', 400, r"n must be an int in [1, 4]"),
+    (b'{"n": "two"}', 422, "n:"),
+    (b'{"class_labels": "purple"}', 400, "unknown class name 'purple'"),
+    (b'{"class_labels": 7}', 400, "out of range"),
+    (b'{"steps": -1}', 400, "steps must be a positive int"),
+    (b'{"n": 2, "format": "png"}', 400, "format 'png' returns one image"),
+    (b'{"path": "/etc/passwd"}', 422, "path: Extra inputs are not permitted"),
+    (b'{"n": 1, "pad": "' + b"x" * 70000 + b'"}', 413, "larger than 65536 bytes"),
+])
+def test_bad_sample_requests_get_a_4xx_with_one_line(client, body, status, detail):
+    response = client.post("/v1/sample", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert detail in response.json()["detail"] and "\n" not in response.json()["detail"]
+
+
+def test_bad_edit_uploads_get_a_4xx(client, tiny_generator):
+    size = tiny_generator.image_size
+    good = _png(np.zeros((size, size, 3), np.uint8))
+    mask = _png(np.full((size, size), 255, np.uint8))
+    cases = [
+        ({"image": ("x.png", _png(np.zeros((size, size + 8, 3), np.uint8))), "mask": ("m.png", mask)},
+         400, f"pixels; this model takes {size}x{size}"),
+        ({"image": ("x.txt", b"hello, not an image"), "mask": ("m.png", mask)}, 400, "not a readable image"),
+        ({"image": ("x.png", good)}, 422, "mask"),
+        ({"image": ("x.png", good), "mask": ("m.png", b"\x89PNG" + b"\0" * 70000)}, 413, "larger than"),
+    ]
+    for files, status, detail in cases:
+        response = client.post("/v1/edit", files=files, data={"seed": "1"})
+        assert response.status_code == status, (detail, response.text)
+        assert detail in response.json()["detail"]
+    # Still serving after all of the above.
+    assert client.post("/v1/sample", json={"n": 1, "steps": 1}).status_code == 200
+
+
+def test_overload_gets_503_with_retry_after(tiny_engines):
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1,
+                           max_request_images=2, max_queued_images=2)
+    service = ImageService(config)
+    runner = service.generator.backend.runners["prior"]
+    real_run, release = runner.run, threading.Event()
+
+    def held_run(feeds):  # the engine is busy until the test releases it
+        release.wait(60)
+        return real_run(feeds)
+
+    runner.run = held_run
+    try:
+        with TestClient(build_api(service), raise_server_exceptions=False) as client:
+            busy = service.scheduler.submit_sample(n=2, steps=1)  # 1 image in the engine, 1 queued
+            response = client.post("/v1/sample", json={"n": 2})  # 1 + 2 > 2 queued images
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1" and "overloaded" in response.json()["detail"]
+            release.set()
+            busy.future.result(60)
+            assert client.post("/v1/sample", json={"n": 2, "steps": 1}).status_code == 200
+    finally:
+        release.set()
+        service.close()
