@@ -4,6 +4,8 @@
     movq-deploy edit --engine-dir engines/ --image in.png --mask mask.png --out out.png --seed 0
     movq-deploy edit --engine-dir engines/ --image in.png --extend 0,0,16,0 --out wider.png   # outpainting
     movq-deploy info --engine-dir engines/
+    movq-deploy serve --engine-dir engines/ [--replicas 2] [--port 8000]       # HTTP service (Ray Serve)
+    movq-deploy generate --engine-dir engines/ --num-images 50000 --seed 0 --out samples/   # bulk (Ray Data)
 
 Bad input ends with one line on stderr and exit status 2.
 """
@@ -23,6 +25,7 @@ from PIL import Image, ImageOps
 from movq_deploy.backends import BACKENDS, PRECISIONS
 from movq_deploy.files import atomic_path
 from movq_deploy.images import extend_canvas, load_image, load_mask, make_grid, mask_preview
+from movq_deploy.serving.commands import add_serving_commands
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling_options(sub)
 
     command("info", info, "show the engine directory and the backend that would run it")
+    add_serving_commands(command)
     return parser
 
 

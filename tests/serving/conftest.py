@@ -1,4 +1,4 @@
-"""One local Ray (and Ray Serve's HTTP proxy on a free 127.0.0.1 port) for the whole test session."""
+"""One local Ray for the whole test session, and Ray Serve's HTTP proxy on a free 127.0.0.1 port when asked."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +8,23 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def serve_port():
-    """Starts Ray locally once and Ray Serve on 127.0.0.1:<free port>; yields the port; shuts both down at the end."""
+def ray_address():
+    """Starts Ray locally once (4 logical CPUs, no dashboard); yields its address; shuts it down at the end."""
     ray = pytest.importorskip("ray", reason="the serve extra is not installed (pip install -e .[serve])")
+    context = ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield context.address_info["address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_address):
+    """Ray Serve on 127.0.0.1:<free port> (another Ray Serve may hold 8000 on a shared machine); yields the port."""
     from ray import serve
 
-    with socket.socket() as probe:  # a free port: other Ray Serve instances may hold 8000 on a shared machine
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
-    ray.shutdown()
