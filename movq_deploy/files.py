@@ -4,9 +4,39 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
+
+_ATTEMPTS = 100  # name collisions of 32 random bits before giving up
+
+
+def new_temp_file(directory: "str | os.PathLike[str]", prefix: str, suffix: str = ".tmp") -> Path:
+    """Creates an empty file with a fresh name in `directory`, with the mode a plain open() gives (0666 less the umask).
+
+    Created with O_EXCL and mode 0666 so that the kernel applies the umask: reading the umask would mean setting it
+    (os.umask), which races with every other thread that creates a file meanwhile.
+    """
+    for _ in range(_ATTEMPTS):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {directory}")
+
+
+def new_temp_dir(directory: "str | os.PathLike[str]", prefix: str, suffix: str = ".tmp") -> Path:
+    """Creates an empty directory with a fresh name in `directory`, mode 0777 less the umask (as os.mkdir gives)."""
+    for _ in range(_ATTEMPTS):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {directory}")
 
 
 @contextlib.contextmanager
@@ -14,13 +44,7 @@ def atomic_path(path: "str | os.PathLike[str]") -> Iterator[Path]:
     """Yields a temporary path beside `path`; on success it is renamed onto `path`, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp creates the file 0600; artifacts get the mode a plain open() would give them.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp = Path(tmp)
+    tmp = new_temp_file(path.parent, prefix=f".{path.name}.")
     try:
         yield tmp
         os.replace(tmp, path)
