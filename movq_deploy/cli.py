@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import secrets
 import sys
 import time
@@ -36,6 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
+        check_arguments(args)  # before any engine work: a bad --nrow must not cost a sampling run
         return args.command(args)
     except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: missing or unreadable files
         print(f"movq-deploy {args.command_name}: error: {error}", file=sys.stderr)
@@ -61,8 +63,6 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def edit(args: argparse.Namespace) -> int:
-    if (args.mask is None) == (args.extend is None):
-        raise ValueError("give exactly one of --mask (inpainting) and --extend (outpainting)")
     generator = _generator(args)
     size = generator.image_size
     image = load_image(args.image)
@@ -103,6 +103,31 @@ def info(args: argparse.Namespace) -> int:
     print(f"graphs        {', '.join(sorted(manifest.get('graphs', {})))}; engines: "
           f"{', '.join(sorted(manifest.get('engines', {}))) or 'none'}")
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the first bad argument (any command's; absent options are skipped)."""
+    def given(name: str):
+        return getattr(args, name, None)
+
+    for name, flag, low in (("n", "-n", 1), ("nrow", "--nrow", 1), ("batch_size", "--batch-size", 1),
+                            ("steps", "--steps", 1), ("seed", "--seed", 0)):
+        if given(name) is not None and given(name) < low:
+            raise ValueError(f"{flag} must be {'positive' if low else 'non-negative'}, got {given(name)}")
+    for name, flag, strict in (("temperature", "--temperature", True),
+                               ("choice_temperature", "--choice-temperature", False)):
+        value = given(name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise ValueError(f"{flag} must be a finite number {'> 0' if strict else '>= 0'}, got {value}")
+    if hasattr(args, "extend") and (args.mask is None) == (args.extend is None):
+        raise ValueError("give exactly one of --mask (inpainting) and --extend (outpainting)")
+    if given("out") is not None and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give an image file name")
+    for name in ("image", "mask"):
+        if given(name) is not None and not Path(given(name)).is_file():
+            raise ValueError(f"--{name} {given(name)} does not exist")
+    if given("extend") is not None:
+        _margins(args.extend)
 
 
 def _parser() -> argparse.ArgumentParser:

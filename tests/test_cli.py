@@ -139,3 +139,36 @@ def test_unwritable_output_ends_with_one_line(tiny_engines, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("movq-deploy sample: error:") and "file" in err[-1]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--nrow", "-3"], "--nrow must be positive, got -3"),
+    (["sample", "--nrow", "0"], "--nrow must be positive, got 0"),
+    (["sample", "-n", "0"], "-n must be positive, got 0"),
+    (["sample", "--steps", "0"], "--steps must be positive, got 0"),
+    (["sample", "--seed", "-1"], "--seed must be non-negative, got -1"),
+    (["sample", "--batch-size", "-2"], "--batch-size must be positive, got -2"),
+    (["sample", "--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["sample", "--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["sample", "--choice-temperature", "-1"], "--choice-temperature must be a finite number >= 0, got -1.0"),
+    (["edit", "--image", "missing.png", "--mask", "m.png"], "--image missing.png does not exist"),
+    (["edit", "--image", "IMAGE", "--extend", "1,2"], "--extend takes four comma-separated pixel counts"),
+])
+def test_bad_arguments_fail_in_one_line_before_any_engine_work(tmp_path, monkeypatch, capsys, args, words):
+    import movq_deploy.generator
+
+    def no_engines(*_, **__):
+        raise AssertionError("a Generator was opened before the arguments were checked")
+
+    monkeypatch.setattr(movq_deploy.generator, "Generator", no_engines)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    args = [str(image) if arg == "IMAGE" else arg for arg in args]
+    assert cli.main([*args, "--engine-dir", str(tmp_path), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+
+
+def test_out_must_not_be_a_directory(tmp_path, capsys):
+    assert cli.main(["sample", "--engine-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
