@@ -81,11 +81,20 @@ def test_a_planted_mismatch_fails_with_its_figure(exported, tmp_path, precision,
         _check(exported, _planted_decoder(exported, tmp_path), precision, "decoder")
 
 
-def test_fp32_engines_are_held_to_identical_grids(exported):
-    """fp16 token grids are not fp32's: judged as an fp32 engine, the fp16 prior fails on grid agreement."""
+def test_a_planted_token_mismatch_fails_on_grid_agreement(exported, tmp_path):
+    """The prior with every weight perturbed by 50% noise draws other tokens: its grids fail the fp32 check."""
     engine_dir, manifest, _ = exported
+    model = onnx.load(str(engine_dir / manifest["graphs"]["fp32"]["prior"]["file"]))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        weights = numpy_helper.to_array(tensor)
+        if weights.dtype == np.float32 and weights.size > 1:
+            noise = 1 + 0.5 * rng.standard_normal(weights.shape).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(weights * noise, tensor.name))
+    path = tmp_path / "wrong-prior.onnx"
+    onnx.save(model, str(path))
     with pytest.raises(engine_check.EngineMismatch, match="prior grid_agreement"):
-        _check(exported, engine_dir / manifest["graphs"]["fp16"]["prior"]["file"], "fp32", "prior")
+        _check(exported, path, "fp32", "prior")
 
 
 def test_failures_name_each_figure_outside_tolerance():
