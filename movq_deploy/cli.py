@@ -121,7 +121,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be a finite number {'> 0' if strict else '>= 0'}, got {value}")
     if hasattr(args, "extend") and (args.mask is None) == (args.extend is None):
         raise ValueError("give exactly one of --mask (inpainting) and --extend (outpainting)")
-    if given("out") is not None and Path(args.out).is_dir():
+    if args.command_name in ("sample", "edit") and Path(args.out).is_dir():  # these write one image file
         raise ValueError(f"--out {args.out} is a directory; give an image file name")
     for name in ("image", "mask"):
         if given(name) is not None and not Path(given(name)).is_file():

@@ -191,3 +191,20 @@ def _constant_names(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
             if value is not None:
                 constants[node.output[0]] = value
     return constants
+
+
+def main(argv: "List[str] | None" = None) -> int:
+    """python -m movq_deploy.export.tensorrt_lint GRAPH.onnx ...: one line per graph; exit status = graphs failing."""
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    failing = 0
+    for path in paths:
+        problems = lint_file(path)
+        failing += bool(problems)
+        print(f"{path}: {'passes TensorRT 10.x parser rules' if not problems else '; '.join(problems)}")
+    return failing
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

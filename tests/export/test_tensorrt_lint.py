@@ -176,3 +176,16 @@ def test_an_op_on_a_type_the_table_excludes_fails():
     z = helper.make_tensor_value_info("z", TensorProto.INT64, [3])
     assert lint_model(_model([clip], [longs], [z])) == [
         "Clip node clip: 'l' is INT64; TensorRT's table allows BF16, FP16, FP32"]
+
+
+def test_command_line_reports_each_graph(fresh_export, tmp_path, capsys):
+    from movq_deploy.export.tensorrt_lint import main
+
+    engine_dir, manifest = fresh_export
+    planted = tmp_path / "planted.onnx"
+    onnx.save(_uint8_image_model(transpose_first=True), str(planted))
+    good = engine_dir / manifest["graphs"]["fp16"]["encoder"]["file"]
+    assert main([str(good), str(planted)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{good}: passes TensorRT 10.x parser rules"
+    assert lines[1].startswith(f"{planted}: uint8 input 'image' feeds Transpose")
