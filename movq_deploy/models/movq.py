@@ -388,7 +388,14 @@ class MultichannelQuantizer(nn.Module):
         return zq.reshape(-1, h, w, c * self.code_dim).permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor):
-        """-> (z_q with straight-through gradient, loss, info dict)."""
+        """-> (z_q with straight-through gradient, loss, info dict). Under autocast, all of it runs in fp32: in bf16
+        the distances of neighbouring codes round to the same value and the argmin flips codes."""
+        if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
+            with torch.autocast(z.device.type, enabled=False):
+                return self._quantize(z.float())
+        return self._quantize(z)
+
+    def _quantize(self, z: torch.Tensor):
         indices = self.nearest(z)
         zq = self.lookup(indices)
         codebook_loss = F.mse_loss(zq, z.detach())

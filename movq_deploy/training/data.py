@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from movq_deploy.training.folder import IMAGE_EXTENSIONS, TRAIN_SCALE, FolderData, is_images_split, load_index
+
 # Real colour photographs in skimage/data (synthetic charts, greyscale and RGBA files are left out; of the
 # motorcycle stereo pair only the left view is used, the right one shows the same scene).
 EMBEDDED_PHOTOS = {
@@ -34,9 +36,7 @@ EMBEDDED_PHOTOS = {
     "retina": "retina.jpg",
     "ihc": "ihc.png",
 }
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 STRIP_SCALE = 3  # strip split: shorter side = 3 * image_size, so a crop holds about a third of the photo
-TRAIN_SCALE = 1.15  # images split: shorter side = 1.15 * image_size before the random crop
 EVAL_CROPS_PER_PHOTO = 6
 
 
@@ -219,27 +219,21 @@ def embedded_data(image_size: int) -> ImageData:
     return ImageData(pictures, list(EMBEDDED_PHOTOS), image_size, "strip", "skimage.data")
 
 
-def folder_data(root: "str | Path", image_size: int) -> ImageData:
-    """Every image under `root`; a class is a top-level sub-folder (images all at the top level: no classes)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    nested = [p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1]
-    if nested and len(nested) != len(paths):
-        raise ValueError(f"{root} mixes images at its top level with class sub-folders; "
-                         "put every image in a sub-folder")
-    class_names = sorted(set(nested))
-    label_of = {name: i for i, name in enumerate(class_names)}
-    pictures = [(_read_rgb(p), label_of.get(p.relative_to(root).parts[0], 0), str(p.relative_to(root)))
-                for p in paths]
-    counts = np.bincount([label for _, label, _ in pictures])
-    split = "images" if len(pictures) >= 10 and counts.min() >= 2 else "strip"
-    return ImageData(pictures, class_names, image_size, split, str(root))
+def folder_data(root: "str | Path", image_size: int, index_cache: "str | Path | None" = None) -> "ImageData | FolderData":
+    """Every image under `root`; a class is a top-level sub-folder (images all at the top level: no classes).
+
+    The file list comes from a cached index (folder.py). With >= 10 images and >= 2 per class, whole images are
+    held out and images are decoded on demand (in the DataLoader's workers); fewer images use the strip split and
+    are read here.
+    """
+    index = load_index(root, index_cache)
+    if is_images_split(index):
+        return FolderData(index, image_size)
+    pictures = [(_read_rgb(Path(index.root) / f), label, f) for f, label in zip(index.files, index.labels)]
+    return ImageData(pictures, index.class_names, image_size, "strip", str(root))
 
 
-def load_data(data_dir: "str | Path | None", image_size: int) -> ImageData:
+def load_data(data_dir: "str | Path | None", image_size: int,
+              index_cache: "str | Path | None" = None) -> "ImageData | FolderData":
     """`--data DIR` if given, else the embedded photographs."""
-    return embedded_data(image_size) if data_dir is None else folder_data(data_dir, image_size)
+    return embedded_data(image_size) if data_dir is None else folder_data(data_dir, image_size, index_cache)

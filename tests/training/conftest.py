@@ -10,3 +10,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path_factory, monkeypatch):
+    """Folder indexes go to a temporary cache, not the user's ~/.cache."""
+    monkeypatch.setenv("MOVQ_DEPLOY_CACHE", str(tmp_path_factory.mktemp("index_cache")))

@@ -77,9 +77,9 @@ def make_folder(root, classes, per_class, size=(48, 40)):
 def test_folder_classes_and_held_out_images(tmp_path):
     data = folder_data(make_folder(tmp_path / "d", ["cats", "dogs"], 6), SIZE)
     assert data.class_names == ["cats", "dogs"] and data.split == "images"
-    train_names = {p.name for p in data.train_pictures}
-    eval_names = {p.name for p in data.eval_pictures}
-    assert not train_names & eval_names and {p.label for p in data.eval_pictures} == {0, 1}
+    train_names = {name for name, _ in data.train_files}  # read lazily (folder.FolderData)
+    eval_names = {name for name, _ in data.eval_files}
+    assert not train_names & eval_names and {label for _, label in data.eval_files} == {0, 1}
     assert len(data.eval_set()) == 2 and len(train_names) == 10
     assert data.train_set()[0][0].shape == (3, SIZE, SIZE)
 
