@@ -4,7 +4,7 @@ import torch
 
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.training.data import embedded_data
-from movq_deploy.training.precision import (CompiledOrEager, autocast, check_precision, configure_tf32, fp32,
+from movq_deploy.training.mixed_precision import (CompiledOrEager, autocast, check_precision, configure_tf32, fp32,
                                             maybe_compile)
 
 # Stated agreement of a bf16 step's codes with fp32's on the fixed batch below (tiny tokenizer, codebook seeded
