@@ -90,7 +90,17 @@ def default_workers(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 2
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader worker processes per rank (decoding, cropping); 0 = in the main process "
-                             "(default: 2 on CPU, 8 per GPU)")
+
+def training_batches(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                     workers: "int | None", device: torch.device, start_step: int = 0, batches_per_step: int = 1):
+    """This rank's endless training batches: TrainBatches over an indexed dataset, or the stream of tar shards.
+    workers None: default_workers(device); pinned memory on CUDA."""
+    from torch.utils.data import IterableDataset
+
+    workers = default_workers(device) if workers is None else workers
+    pin = device.type == "cuda"
+    if isinstance(dataset, IterableDataset):
+        from movq_deploy.training.shards import shard_batches
+
+        return shard_batches(dataset, batch_size, rank, start_step, workers, pin)
+    return TrainBatches(dataset, batch_size, rank, world_size, seed, workers, pin, start_step, batches_per_step)

@@ -19,7 +19,6 @@ compiler, an op the backend cannot lower) the run goes on eager after a one-line
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from typing import Callable
@@ -57,16 +56,6 @@ def configure_tf32(enabled: bool, device: torch.device) -> bool:
     torch.set_float32_matmul_precision("high" if use else "highest")
     torch.backends.cudnn.conv.fp32_precision = "tf32" if use else "ieee"
     return use
-
-
-def add_arguments(parser) -> None:
-    """--precision, --tf32/--no-tf32, --compile: the same three options in both training scripts."""
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="bf16: autocast forward passes (weights, optimizer, losses, quantizer stay fp32)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls/convolutions on Ampere+ GPUs (default: on)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (falls back to eager with a notice if compilation fails)")
 
 
 class CompiledOrEager:

@@ -45,7 +45,3 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
 
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--tensorboard", default=None, metavar="DIR",
-                        help="also log scalars and image grids to TensorBoard event files in DIR")
