@@ -38,9 +38,10 @@ from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
 from benchmarks.timing import CallTimer, summarize, time_calls  # noqa: E402
 from benchmarks.torch_peers import TorchPeer, loop_sample  # noqa: E402
+from movq_deploy import contract, sampling  # noqa: E402
 from movq_deploy.files import atomic_path, atomic_write_text, sha256_file  # noqa: E402
 from movq_deploy.generator import Generator  # noqa: E402
-from movq_deploy.manifest import load_manifest  # noqa: E402
+from movq_deploy.manifest import EngineDir  # noqa: E402
 from movq_deploy.models.checkpoint import load_models, save_checkpoint  # noqa: E402
 from movq_deploy.models.reference import ReferenceSampler  # noqa: E402
 
@@ -125,15 +126,15 @@ def default_engine_dir() -> Path:
                             f"--engine-dir, or time fresh models with --config tiny")
 
 
-def resolve_ckpt(ckpt: Optional[str], manifest: dict, engine_dir: Path) -> Path:
-    """`ckpt` (--ckpt), else the checkpoint the manifest was exported from (it records the file name and sha256):
+def resolve_ckpt(ckpt: Optional[str], engines: EngineDir) -> Path:
+    """`ckpt` (--ckpt), else the checkpoint the engines were exported from (it records the file name and sha256):
     looked for beside the engine directory, inside it, then in the working directory."""
     if ckpt:
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         return path
-    source = manifest.get("export") or {}
+    source, engine_dir = engines.export, engines.path
     name, digest = source.get("checkpoint"), source.get("checkpoint_sha256")
     if not name:
         raise ValueError(f"{engine_dir}/manifest.json names no source checkpoint: pass --ckpt")
@@ -148,39 +149,33 @@ def resolve_ckpt(ckpt: Optional[str], manifest: dict, engine_dir: Path) -> Path:
 # ---- inputs, FLOPs, predictions ------------------------------------------------------------------------------
 
 
-def stage_feeds(stage: str, batch: int, manifest: dict, rng: np.random.Generator) -> dict:
+def stage_feeds(stage: str, batch: int, engines: EngineDir, rng: np.random.Generator) -> dict:
     """Inputs of one engine call: the prior's first step (all slots masked; the cost is the same at every step),
     random code indices for decode, random pixels for encode."""
-    grid = manifest["grid"]
-    h, w, c = grid["h"], grid["w"], grid["c"]
+    h, w, c = engines.grid.shape
     if stage == "prior_step":
-        n = h * w * c
-        feeds = {
-            "tokens": np.full((batch, n), manifest["mask_id"], np.int32),
-            "uniform": rng.random((batch, n), dtype=np.float32),
-            "gumbel": rng.gumbel(size=(batch, n)).astype(np.float32),
-            "temperature": np.array([1.0], np.float32),
-            "choice_scale": np.array([4.5 * (1 - 1 / 8)], np.float32),
-        }
-        if manifest.get("num_classes", 0):
-            feeds["class_labels"] = np.full(batch, manifest["num_classes"], np.int32)  # the null class
-        return feeds
+        n, defaults = engines.grid.num_slots, engines.sampling
+        labels = sampling.resolve_class_labels(None, batch, engines.num_classes)  # the null class
+        return contract.prior_step_feeds(
+            np.full((batch, n), engines.mask_id, np.int32), labels, rng.random((batch, n), dtype=np.float32),
+            rng.gumbel(size=(batch, n)), defaults.temperature,
+            sampling.choice_scale(0, defaults.steps, defaults.choice_temperature))
     if stage == "decode":
-        return {"indices": rng.integers(0, manifest["codebook_size"], (batch, h, w, c), dtype=np.int32)}
+        return {"indices": rng.integers(0, engines.codebook_size, (batch, h, w, c), dtype=np.int32)}
     if stage == "encode":
-        size = manifest["image_size"]
+        size = engines.image_size
         return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)}
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def stage_flops(peer: TorchPeer, prior_config, manifest: dict, steps: int) -> dict:
+def stage_flops(peer: TorchPeer, prior_config, engines: EngineDir, steps: int) -> dict:
     """Dense FLOPs per image of each stage: the prior step analytic (checked against the torch count), encoder
     and decoder counted from the torch modules at batch 1."""
     rng = np.random.default_rng(0)
     analytic = prior_step_flops(prior_config, 1)
     counted = {}
     for stage in ("prior_step", "decode", "encode"):
-        feeds = stage_feeds(stage, 1, manifest, rng)
+        feeds = stage_feeds(stage, 1, engines, rng)
         counted[stage] = counted_flops(lambda: peer.runners[_graph(stage)].run(feeds))
     per_image = {"prior_step": float(analytic["total"]), "decode": counted["decode"], "encode": counted["encode"]}
     per_image["sample"] = steps * per_image["prior_step"] + per_image["decode"]
@@ -205,15 +200,15 @@ class Candidate:
         self.is_generator = is_generator
 
 
-def runtime_candidates(engine_dir: Path, manifest: dict, steps: int, max_batch: int, skipped: list) -> list:
+def runtime_candidates(engines: EngineDir, steps: int, max_batch: int, skipped: list) -> list:
     """A Generator for every backend/precision pair the engine directory holds and this machine can open."""
-    pairs = [("tensorrt", p) for p in PRECISION_ORDER if p in manifest.get("engines", {})]
+    pairs = [("tensorrt", p) for p in PRECISION_ORDER if p in engines.engines]
     for backend in ("onnxruntime-cuda", "onnxruntime-cpu"):
-        pairs += [(backend, p) for p in PRECISION_ORDER if p in manifest.get("graphs", {})]
+        pairs += [(backend, p) for p in PRECISION_ORDER if p in engines.graphs]
     candidates = []
     for backend, precision in pairs:
         try:
-            generator = Generator(engine_dir, backend=backend, precision=precision, batch_size=max_batch)
+            generator = Generator(engines, backend=backend, precision=precision, batch_size=max_batch)
         except (RuntimeError, ValueError, FileNotFoundError, ImportError) as error:
             skipped.append({"backend": backend, "precision": precision, "reason": str(error).splitlines()[0]})
             continue
@@ -227,13 +222,12 @@ def runtime_candidates(engine_dir: Path, manifest: dict, steps: int, max_batch: 
     return candidates
 
 
-def torch_candidates(movq, prior, manifest: dict, steps: int, with_compile: bool) -> list:
+def torch_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: bool) -> list:
     """PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop as the
     Generator around the compiled graphs), fp32, plus fp16 autocast on CUDA."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     movq, prior = movq.to(device), prior.to(device)
-    grid = (manifest["grid"]["h"], manifest["grid"]["w"], manifest["grid"]["c"])
-    mask_id, num_classes = manifest["mask_id"], manifest.get("num_classes", 0)
+    grid, mask_id, num_classes = engines.grid.shape, engines.mask_id, engines.num_classes
     reference = ReferenceSampler(movq, prior)
     candidates = []
     for precision in ("fp32", "fp16") if device == "cuda" else ("fp32",):
@@ -252,7 +246,7 @@ def torch_candidates(movq, prior, manifest: dict, steps: int, with_compile: bool
 # ---- timing ----------------------------------------------------------------------------------------------------
 
 
-def time_stage(candidate: Candidate, stage: str, batch: int, manifest: dict, budget_s: float,
+def time_stage(candidate: Candidate, stage: str, batch: int, engines: EngineDir, budget_s: float,
                predicted_s: float) -> dict:
     """Stats of one stage at one batch size; for a Generator's sample also the share of time outside engine calls."""
     few = predicted_s > budget_s  # long calls: one warm-up, two timed calls are all the budget allows
@@ -274,13 +268,13 @@ def time_stage(candidate: Candidate, stage: str, batch: int, manifest: dict, bud
             stats["loop_overhead"] = 1.0 - stats["engine_share"]
             stats["engine_calls_per_sample"] = sum(t.calls for t in timers.values()) / wall.calls
         return stats
-    feeds = stage_feeds(stage, batch, manifest, np.random.default_rng(batch))
+    feeds = stage_feeds(stage, batch, engines, np.random.default_rng(batch))
     runner = candidate.runners[_graph(stage)]
     times = time_calls(lambda: runner.run(feeds), budget_s, warmup=1 if few else 2, min_repeats=2 if few else 3)
     return summarize(times, batch)
 
 
-def run_benchmark(args, candidates, manifest, flops, gemm, threads: int, log=print) -> list:
+def run_benchmark(args, candidates, engines, flops, gemm, threads: int, log=print) -> list:
     """Times every candidate's stages. The candidates take turns on each stage and batch size, so that a ratio
     between two of them compares timings taken minutes apart at most; the GEMM rate is measured again before each
     batch size and the best reading is the machine's rate (a single reading can catch a busy moment)."""
@@ -302,7 +296,7 @@ def run_benchmark(args, candidates, manifest, flops, gemm, threads: int, log=pri
                     continue
                 start = time.perf_counter()
                 try:
-                    row.update(time_stage(candidate, stage, batch, manifest, args.budget_s, predicted_s))
+                    row.update(time_stage(candidate, stage, batch, engines, args.budget_s, predicted_s))
                 except Exception as error:  # one failing backend must not hide the others' numbers
                     row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     rows.append(row)
@@ -348,25 +342,22 @@ def add_speedups(rows: list) -> None:
 # ---- int8 agreement and targets ----------------------------------------------------------------------------------
 
 
-def agreement_feeds(manifest: dict, tokens: np.ndarray) -> "tuple[dict, np.ndarray]":
+def agreement_feeds(engines: EngineDir, tokens: np.ndarray) -> "tuple[dict, np.ndarray]":
     """Prior-step feeds whose draw is an argmax (temperature 1e-4), and the bool mask of their masked slots: the
     token grids `tokens` [B, N] half masked at random, then all masked (the first step): 2B states."""
     rng = np.random.default_rng(0)
-    mask_id = manifest["mask_id"]
+    mask_id = engines.mask_id
     half = np.where(rng.random(tokens.shape) < 0.5, mask_id, tokens).astype(np.int32)
     states = np.concatenate([half, np.full_like(half, mask_id)])  # (2B, N)
-    feeds = {"tokens": states, "uniform": np.full(states.shape, 0.5, np.float32),
-             "gumbel": np.zeros(states.shape, np.float32), "temperature": np.array([1e-4], np.float32),
-             "choice_scale": np.array([0.0], np.float32)}
-    if manifest.get("num_classes", 0):
-        feeds["class_labels"] = np.full(len(states), manifest["num_classes"], np.int32)
+    labels = sampling.resolve_class_labels(None, len(states), engines.num_classes)
+    feeds = contract.prior_step_feeds(states, labels, np.full(states.shape, 0.5), np.zeros(states.shape), 1e-4, 0.0)
     return feeds, states == mask_id
 
 
-def top_token_agreement(fp32_runner, int8_runner, manifest: dict, tokens: np.ndarray) -> float:
+def top_token_agreement(fp32_runner, int8_runner, engines: EngineDir, tokens: np.ndarray) -> float:
     """Share of masked slots whose most likely token is the same in both priors (a temperature of 1e-4 makes the
     inverse-CDF draw an argmax), over a half-decoded state built from real samples and the all-masked first step."""
-    feeds, masked = agreement_feeds(manifest, tokens)
+    feeds, masked = agreement_feeds(engines, tokens)
     reference, candidate = fp32_runner.run(feeds)["sampled"], int8_runner.run(feeds)["sampled"]
     return float((reference[masked] == candidate[masked]).mean())
 
@@ -512,29 +503,29 @@ def main(argv=None) -> dict:
             engine_dir, ckpt = export_fresh_models(args.config, Path(workdir))
         else:
             engine_dir = default_engine_dir() if args.engine_dir is None else Path(args.engine_dir)
-        manifest = load_manifest(engine_dir)
+        engines = EngineDir.load(engine_dir)
         if not args.config:
-            ckpt = resolve_ckpt(args.ckpt, manifest, engine_dir)
+            ckpt = resolve_ckpt(args.ckpt, engines)
         movq, prior, _ = load_models(ckpt)
         if prior is None:
             raise ValueError(f"{ckpt} holds no prior (stage 1 only): train the prior first")
 
         skipped: list = []
-        candidates = runtime_candidates(engine_dir, manifest, args.steps, max(args.batch_sizes), skipped)
+        candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
         # The PyTorch peers get the threads ONNX Runtime uses on the CPU, so both compete on equal terms.
         cpu = next((c for c in candidates if c.backend == "onnxruntime-cpu"), None)
         threads = (cpu.runners["prior"].session.get_session_options().intra_op_num_threads if cpu else 0)
         threads = threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         log(f"threads: {threads} (ONNX Runtime intra-op = torch.set_num_threads)")
-        candidates = torch_candidates(movq, prior, manifest, args.steps, args.compile) + candidates
+        candidates = torch_candidates(movq, prior, engines, args.steps, args.compile) + candidates
 
         machine = machine_info()
         gemm: dict = {}
         update_gemm(gemm, gemm_rate(threads, budget_s=min(2.0, 4 * args.budget_s)))
-        flops = stage_flops(candidates[0], prior.config, manifest, args.steps)
+        flops = stage_flops(candidates[0], prior.config, engines, args.steps)
 
-        rows = run_benchmark(args, candidates, manifest, flops, gemm, threads, log)
+        rows = run_benchmark(args, candidates, engines, flops, gemm, threads, log)
         log(f"GEMM rate (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.1f} GFLOP/s fp32 CPU"
             + (f", {gemm['gpu_fp16_gflops']:.0f} GFLOP/s fp16 GPU" if 'gpu_fp16_gflops' in gemm else ""))
 
@@ -544,7 +535,7 @@ def main(argv=None) -> dict:
             n = min(16, max(args.batch_sizes))
             tokens = Generator(engine_dir, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
             int8_agreement = top_token_agreement(by_key["onnxruntime-cpu", "fp32"].runners["prior"],
-                                                 by_key["onnxruntime-cpu", "int8"].runners["prior"], manifest, tokens)
+                                                 by_key["onnxruntime-cpu", "int8"].runners["prior"], engines, tokens)
         targets = evaluate_targets(rows, int8_agreement, args.batch_sizes)
 
     command = " ".join(["python benchmarks/latency.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
@@ -557,8 +548,8 @@ def main(argv=None) -> dict:
         "threads": threads,
         "gemm": gemm,
         "model": {"config": args.config or "checkpoint", "ckpt": None if args.config else str(ckpt),
-                  "engine_dir": None if args.config else str(engine_dir), "tokenizer": manifest["model"]["tokenizer"],
-                  "prior": manifest["model"]["prior"], "grid": manifest["grid"], "image_size": manifest["image_size"]},
+                  "engine_dir": None if args.config else str(engine_dir), "tokenizer": engines.model["tokenizer"],
+                  "prior": engines.model["prior"], "grid": engines.to_dict()["grid"], "image_size": engines.image_size},
         "settings": {"batch_sizes": args.batch_sizes, "steps": args.steps, "budget_s": args.budget_s,
                      "quick": args.quick, "torch_compile": args.compile},
         "flops": flops,

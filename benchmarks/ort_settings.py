@@ -32,7 +32,7 @@ from benchmarks.timing import summarize, time_calls  # noqa: E402
 from benchmarks.torch_peers import TorchPeer  # noqa: E402
 from movq_deploy.backends.onnxruntime import physical_cores  # noqa: E402
 from movq_deploy.files import atomic_write_text  # noqa: E402
-from movq_deploy.manifest import load_manifest  # noqa: E402
+from movq_deploy.manifest import EngineDir  # noqa: E402
 from movq_deploy.models.checkpoint import load_models  # noqa: E402
 
 LEVELS = {
@@ -116,12 +116,12 @@ def fused_variant(fp32_path: Path, out: Path, heads: int, width: int) -> "tuple[
     return out, {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
 
 
-def top_token_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, manifest: dict) -> float:
+def top_token_agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, engines: EngineDir) -> float:
     """Most likely token (temperature 1e-4 makes the draw an argmax) of masked slots: half-masked random states
     and the all-masked first step, 8 images each."""
-    n = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"]
-    tokens = np.random.default_rng(0).integers(0, manifest["codebook_size"], (8, n), dtype=np.int32)
-    feeds, masked = agreement_feeds(manifest, tokens)
+    n = engines.grid.num_slots
+    tokens = np.random.default_rng(0).integers(0, engines.codebook_size, (8, n), dtype=np.int32)
+    feeds, masked = agreement_feeds(engines, tokens)
     ref, cand = reference.run(["sampled"], feeds)[0], candidate.run(["sampled"], feeds)[0]
     return float((ref[masked] == cand[masked]).mean())
 
@@ -146,10 +146,10 @@ def main(argv=None) -> dict:
             engine_dir, ckpt = export_fresh_models(args.config, tmp)
         else:
             engine_dir = default_engine_dir() if args.engine_dir is None else Path(args.engine_dir)
-            ckpt = resolve_ckpt(args.ckpt, load_manifest(engine_dir), engine_dir)
-        manifest = load_manifest(engine_dir)
+            ckpt = resolve_ckpt(args.ckpt, EngineDir.load(engine_dir))
+        engines = EngineDir.load(engine_dir)
         movq, prior, _ = load_models(ckpt)
-        graphs = manifest["graphs"]
+        graphs = engines.graphs
         prior_path = engine_dir / graphs["fp32"]["prior"]["file"]
         decoder_path = engine_dir / graphs["fp32"]["decoder"]["file"]
         heads, width = prior.config.heads, prior.config.width
@@ -200,20 +200,20 @@ def main(argv=None) -> dict:
                   f"{row['gemm_fraction']:5.0%} of GEMM" + (f"  agreement {agreement:.1%}" if agreement else ""))
 
         for batch in batch_sizes:
-            feeds = stage_feeds("prior_step", batch, manifest, np.random.default_rng(batch))
+            feeds = stage_feeds("prior_step", batch, engines, np.random.default_rng(batch))
             flops = prior_step_flops(prior.config, batch)["total"]
             torch_feeds = dict(feeds)
             record("prior", "pytorch eager fp32", batch, lambda: eager.runners["prior"].run(torch_feeds), flops)
             for variant, make in prior_sessions.items():
                 sess = make()
-                agreement = top_token_agreement(reference, sess, manifest) if variant.startswith("int8") else None
+                agreement = top_token_agreement(reference, sess, engines) if variant.startswith("int8") else None
                 record("prior", variant, batch, lambda: sess.run(None, feeds), flops, agreement)
                 if variant.startswith("fp32 opt all (runtime"):
                     record("prior", "fp32 opt all + I/O binding", batch, io_bound_call(sess, feeds), flops)
             if not args.skip_decoder:
-                dfeeds = stage_feeds("decode", batch, manifest, np.random.default_rng(batch))
+                dfeeds = stage_feeds("decode", batch, engines, np.random.default_rng(batch))
                 dflops = batch * counted_flops(lambda: eager.runners["decoder"].run(
-                    stage_feeds("decode", 1, manifest, np.random.default_rng(0))))
+                    stage_feeds("decode", 1, engines, np.random.default_rng(0))))
                 record("decoder", "pytorch eager fp32", batch, lambda: eager.runners["decoder"].run(dfeeds), dflops)
                 for level in ("disable", "basic", "extended", "all"):
                     sess = session(decoder_path, level, threads)

@@ -25,7 +25,7 @@ from movq_deploy.engine_cache import TIMING_CACHE_NAME
 from movq_deploy.export import tensorrt_lint
 from movq_deploy.backends.tensorrt import current_platform, trt_logger
 from movq_deploy.files import atomic_path, atomic_write_bytes
-from movq_deploy.manifest import load_manifest, verify_file, write_manifest
+from movq_deploy.manifest import EngineDir
 
 
 @dataclass
@@ -45,25 +45,24 @@ def build_engines(engine_dir: "str | Path", options: BuildOptions, log: Callable
     Checks TensorRT and the GPU before touching anything (ImportError / RuntimeError otherwise). The manifest is
     rewritten after each engine, so an interrupted run keeps the engines it finished.
     """
-    engine_dir = Path(engine_dir)
     platform = current_platform()  # first: a one-line ImportError / RuntimeError when TensorRT or the GPU is missing
     import tensorrt as trt
 
-    manifest = load_manifest(engine_dir)
-    graphs = manifest.get("graphs", {}).get(options.precision)
+    engine_dir = EngineDir.load(engine_dir)
+    graphs = engine_dir.graphs.get(options.precision)
     if not graphs:
-        raise ValueError(f"{engine_dir}/manifest.json has no {options.precision} ONNX graphs (export them with export/to_onnx.py)")
+        raise ValueError(f"{engine_dir.manifest_path} has no {options.precision} ONNX graphs (export them with export/to_onnx.py)")
     missing = [graph for graph in engine_cache.ENGINE_GRAPHS if graph not in graphs]
     if missing:
-        raise ValueError(f"{engine_dir}/manifest.json has no {options.precision} {'/'.join(missing)} graph")
+        raise ValueError(f"{engine_dir.manifest_path} has no {options.precision} {'/'.join(missing)} graph")
 
-    cache_path = options.timing_cache or engine_dir / TIMING_CACHE_NAME
+    cache_path = options.timing_cache or engine_dir.path / TIMING_CACHE_NAME
     log(f"{platform.describe()}; {options.precision}, batch {options.profile.to_dict()}")
     results = {}
     for graph in engine_cache.ENGINE_GRAPHS:
-        onnx_path = verify_file(engine_dir, graphs[graph])  # the ONNX on disk is the one the manifest describes
+        onnx_path = engine_dir.verify(graphs[graph])  # the ONNX on disk is the one the manifest describes
         key = engine_cache.engine_key(graphs[graph]["sha256"], platform, options.precision, options.profile, options.tf32)
-        reason = "--force" if options.force else engine_cache.stale_reason(engine_dir, manifest, options.precision, graph, key)
+        reason = "--force" if options.force else engine_cache.stale_reason(engine_dir, options.precision, graph, key)
         if reason is None:
             log(f"{graph}: up to date")
             results[graph] = "up to date"
@@ -73,12 +72,12 @@ def build_engines(engine_dir: "str | Path", options: BuildOptions, log: Callable
         timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
         plan, timing_cache = build_serialized_engine(trt, onnx_path, options, timing_cache, log)
         plan_name = engine_cache.plan_file_name(graph, options.precision)
-        with atomic_path(engine_dir / plan_name) as tmp:
+        with atomic_path(engine_dir.path / plan_name) as tmp:
             tmp.write_bytes(plan)
         atomic_write_bytes(cache_path, timing_cache)
         entry = engine_cache.engine_entry(plan_name, hashlib.sha256(plan).hexdigest(), key)
-        engine_cache.set_engine_entry(manifest, options.precision, graph, entry)
-        write_manifest(engine_dir, manifest)
+        engine_dir.set_engine(options.precision, graph, entry)
+        engine_dir.write()
         log(f"{graph}: wrote {plan_name} ({len(plan) / 2**20:.1f} MiB)")
         results[graph] = "built"
     return results

@@ -24,13 +24,15 @@ import sys
 from movq_deploy.export.onnx_graph import EXPORTERS, OPSETS
 from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.specs import ExportError, one_line
+from movq_deploy.sampling import SamplingDefaults
 
 
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="ckpt.pt with a tokenizer and a prior")
     parser.add_argument("--out", default="engines", help="engine directory to write (replaced atomically)")
-    parser.add_argument("--steps", type=int, default=8, help="sampling steps recorded as the default (8)")
+    parser.add_argument("--steps", type=int, default=SamplingDefaults.steps,
+                        help=f"sampling steps recorded as the default ({SamplingDefaults.steps})")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
     parser.add_argument("--int8", action="store_true", help="also write prior.int8.onnx (dynamic int8, ONNX Runtime CPU)")
     parser.add_argument("--opset", type=int, default=18, choices=OPSETS)

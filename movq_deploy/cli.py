@@ -93,15 +93,17 @@ def edit(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     generator = _generator(args)
-    manifest = generator.manifest
-    print(f"engine dir    {generator.engine_dir}")
+    engine_dir = generator.engine_dir
+    print(f"engine dir    {engine_dir.path}")
     print(f"backend       {generator.backend_name} ({generator.precision}): {generator.backend_reason}")
     print(f"images        {generator.image_size}x{generator.image_size}, tokens {'x'.join(map(str, generator.grid))}"
           f" from {generator.codebook_size} codes")
     print(f"classes       {generator.num_classes or 'unconditional'}")
-    print(f"steps         {generator.default_steps} (default)")
-    print(f"graphs        {', '.join(sorted(manifest.get('graphs', {})))}; engines: "
-          f"{', '.join(sorted(manifest.get('engines', {}))) or 'none'}")
+    defaults = engine_dir.sampling
+    print(f"sampling      {defaults.steps} steps, temperature {defaults.temperature}, choice temperature "
+          f"{defaults.choice_temperature} (defaults)")
+    print(f"graphs        {', '.join(sorted(engine_dir.graphs))}; engines: "
+          f"{', '.join(sorted(engine_dir.engines)) or 'none'}")
     return 0
 
 
@@ -149,8 +151,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=None, help="unmasking steps (default: the manifest's)")
         sub.add_argument("--class-label", action="append", default=None,
                          help="class id or name (conditional models); once for all images, or once per image")
-        sub.add_argument("--temperature", type=float, default=1.0)
-        sub.add_argument("--choice-temperature", type=float, default=4.5)
+        sub.add_argument("--temperature", type=float, default=None, help="of the token draw (default: the manifest's)")
+        sub.add_argument("--choice-temperature", type=float, default=None,
+                         help="of the confidence noise (default: the manifest's)")
         sub.add_argument("--nrow", type=int, default=None, help="images per grid row")
 
     sub = command("sample", sample, "sample new images into a grid PNG")

@@ -14,13 +14,12 @@ machine's. Pure Python (no TensorRT, no CUDA, no numpy), so all of it is tested 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
+from movq_deploy.contract import GRAPH_NAMES
 from movq_deploy.files import sha256_file
-from movq_deploy.manifest import GRAPH_NAMES
+from movq_deploy.manifest import EngineDir
 
 # The graphs an engine directory turns into engines (all of them), and the precisions TensorRT builds from: fp32 and
 # fp16 ONNX graphs. The "int8" graphs are ONNX Runtime dynamic quantization (MatMulInteger), which TensorRT does not
@@ -88,21 +87,13 @@ def engine_entry(file: str, plan_sha256: str, key: dict) -> dict:
     return {"file": file, "sha256": plan_sha256, **key}
 
 
-def get_engine_entry(manifest: dict, precision: str, graph: str) -> Optional[dict]:
-    return manifest.get("engines", {}).get(precision, {}).get(graph)
-
-
-def set_engine_entry(manifest: dict, precision: str, graph: str, entry: dict) -> None:
-    manifest.setdefault("engines", {}).setdefault(precision, {})[graph] = entry
-
-
-def stale_reason(engine_dir: "str | os.PathLike[str]", manifest: dict, precision: str, graph: str, key: dict) -> Optional[str]:
+def stale_reason(engine_dir: EngineDir, precision: str, graph: str, key: dict) -> Optional[str]:
     """Why the engine for (precision, graph) must be (re)built under `key`, or None when the cached plan is good.
 
     The reasons are checked in the order a user would look for them: no engine yet, a different source graph,
     TensorRT version, GPU, precision, batch profile, then the plan file itself (missing or altered).
     """
-    entry = get_engine_entry(manifest, precision, graph)
+    entry = engine_dir.engine(precision, graph)
     if entry is None:
         return "no engine built yet"
     if entry.get("onnx_sha256") != key["onnx_sha256"]:
@@ -117,7 +108,7 @@ def stale_reason(engine_dir: "str | os.PathLike[str]", manifest: dict, precision
         return f"built for batch profile {entry.get('profile')}, asked for {key['profile']}"
     if entry.get("tf32", True) != key["tf32"]:
         return f"built with TF32 {'on' if entry.get('tf32', True) else 'off'}, asked for {'on' if key['tf32'] else 'off'}"
-    plan = Path(engine_dir) / entry["file"]
+    plan = engine_dir.path / entry["file"]
     if not plan.is_file():
         return f"{entry['file']} is missing"
     if sha256_file(plan) != entry.get("sha256"):
@@ -148,22 +139,22 @@ def check_engine_platform(entry: dict, platform: Platform) -> None:
         raise ValueError(reason)
 
 
-def usable_precisions(manifest: dict, platform: Platform) -> list:
+def usable_precisions(engine_dir: EngineDir, platform: Platform) -> list:
     """The precisions with an engine for every graph that matches `platform`, preferred (fastest) first."""
     usable = []
     for precision in ("fp16", "fp32"):
-        entries = [get_engine_entry(manifest, precision, graph) for graph in ENGINE_GRAPHS]
+        entries = [engine_dir.engine(precision, graph) for graph in ENGINE_GRAPHS]
         if all(entry is not None and platform_mismatch(entry, platform) is None for entry in entries):
             usable.append(precision)
     return usable
 
 
-def engines_status(manifest: dict, platform: Platform) -> "tuple[bool, str]":
+def engines_status(engine_dir: EngineDir, platform: Platform) -> "tuple[bool, str]":
     """(True, which engines) when some precision has matching engines for all graphs, else (False, why not)."""
-    usable = usable_precisions(manifest, platform)
+    usable = usable_precisions(engine_dir, platform)
     if usable:
         return True, f"{'/'.join(usable)} engines match {platform.describe()}"
-    engines = manifest.get("engines") or {}
+    engines = engine_dir.engines
     if not engines:
         return False, "the engine directory has no TensorRT engines (run `python export/build_trt.py --fp16`)"
     reasons = []

@@ -1,37 +1,36 @@
 """The runtime entry point: `Generator(engine_dir).sample(n=64)` on TensorRT, ONNX Runtime CUDA or ONNX Runtime CPU.
 
-numpy + pillow + the backend interface only (no torch). The MaskGIT loop, the noise and the re-mask choice come from
-movq_deploy.sampling, shared with the PyTorch reference sampler, so both give the same tokens for the same seed;
-the prior-step runner is plugged in as the loop's StepFn. Calls keep no state on the Generator, so one Generator
-may serve several threads at once.
+numpy + pillow + the backend interface only (no torch). The MaskGIT loop, the noise, the re-mask choice and the
+argument checks come from movq_deploy.sampling, shared with the PyTorch reference sampler, so both give the same
+tokens for the same seed; the prior-step runner is plugged in as the loop's StepFn by movq_deploy.contract. Calls
+keep no state on the Generator, so one Generator may serve several threads at once.
 """
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import secrets
-from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 from PIL import Image
 
-from movq_deploy import sampling
+from movq_deploy import contract, sampling
 from movq_deploy.backends import open_runners
 from movq_deploy.images import (
     ImagesLike, check_output_type, paste_outside_mask, to_bool_masks, to_output, to_uint8_images,
 )
-from movq_deploy.manifest import load_manifest
+from movq_deploy.manifest import EngineDir
 
 # Largest batch per engine call when neither the caller nor the backend sets one (ONNX Runtime's dynamic batch axis).
 # The prior step is small: 64 fills the cores. The encoder and decoder hold full-resolution activations (a 256x256
-# decoder at batch 64 would need several GB on the CPU) and run as fast per image at 16 (measured on the tiny model).
+# decoder at batch 64 would need several GB on the CPU) and run as fast per image at 16 (BENCHMARKS.md).
 DEFAULT_PRIOR_BATCH = 64
 DEFAULT_IMAGE_BATCH = 16
+# What sample and edit return: PIL images, uint8 [B,H,W,3], or the token grids int32 [B,N] (no decoder call).
+OUTPUT_TYPES = ("pil", "np", "tokens")
 
 Progress = Callable[[int, int], None]  # progress(done, total): engine calls finished so far, of how many
-ClassLabels = Union[None, int, str, Sequence[Union[int, str, None]], np.ndarray]
+Output = Union[List[Image.Image], np.ndarray]
 
 
 class Generator:
@@ -42,40 +41,28 @@ class Generator:
     precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime), "fp32", "fp16" or "int8" (int8 prior).
     batch_size: the most images per engine call (default: 64 for the prior step and 16 for the encoder and decoder,
     or the engines' largest batch when that is smaller).
+    `with Generator(dir) as gen:` frees the engines' memory at the end of the block (or call `close()`).
     """
 
     def __init__(
         self,
-        engine_dir: "str | os.PathLike[str]",
+        engine_dir: "str | os.PathLike[str] | EngineDir",
         backend: str = "auto",
         precision: str = "auto",
         batch_size: Optional[int] = None,
     ):
-        if batch_size is not None and not (_is_int(batch_size) and batch_size > 0):
+        if batch_size is not None and not (sampling._is_int(batch_size) and batch_size > 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.engine_dir = Path(engine_dir)
-        self.manifest = load_manifest(self.engine_dir)
-        grid = self.manifest["grid"]
-        self.grid = (int(grid["h"]), int(grid["w"]), int(grid["c"]))
-        self.num_slots = math.prod(self.grid)
-        self.codebook_size = int(self.manifest["codebook_size"])
-        self.mask_id = int(self.manifest["mask_id"])
-        self.image_size = int(self.manifest["image_size"])
-        self.num_classes = int(self.manifest.get("num_classes", 0))
-        self.class_names: List[str] = list(self.manifest.get("class_names") or [])
-        self.default_steps = int(self.manifest["sampling"]["steps"])
-
-        self.backend = open_runners(self.engine_dir, self.manifest, backend=backend, precision=precision)
+        self.engine_dir = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.load(engine_dir)
+        self.backend = open_runners(self.engine_dir, backend=backend, precision=precision)
         self.backend_name = self.backend.name
         self.backend_reason = self.backend.reason
         self.precision = self.backend.precision
-        self._encoder = self.backend.runners["encoder"]
-        self._decoder = self.backend.runners["decoder"]
-        self._prior = self.backend.runners["prior"]
-        self._prior_takes_labels = any(spec.name == "class_labels" for spec in self._prior.inputs)
-        if self._prior_takes_labels != (self.num_classes > 0):
-            raise ValueError(f"{self.engine_dir}: the manifest says num_classes={self.num_classes} but the prior graph "
-                             f"{'takes' if self._prior_takes_labels else 'has no'} class_labels input; re-export")
+        runners = self.backend.runners
+        for name in contract.GRAPH_NAMES:  # a graph from another export or another version is refused here
+            expected = contract.graph_io(name, self.image_size, self.grid, conditional=self.num_classes > 0)
+            contract.check_runner(runners[name], expected, str(self.engine_dir.path))
+        self._encoder, self._decoder, self._prior = runners["encoder"], runners["decoder"], runners["prior"]
 
         def limit(default: int, *runners) -> int:
             return min([batch_size or default] + [r.max_batch for r in runners if r.max_batch is not None])
@@ -83,131 +70,151 @@ class Generator:
         self.batch_size = limit(DEFAULT_PRIOR_BATCH, self._prior)  # images per prior step
         self.image_batch_size = limit(DEFAULT_IMAGE_BATCH, self._encoder, self._decoder)  # per encode / decode
 
-    def __repr__(self) -> str:
-        return (f"Generator({str(self.engine_dir)!r}, backend={self.backend_name!r}, precision={self.precision!r}, "
-                f"image_size={self.image_size}, grid={self.grid})")
+    # ---- what the engine directory says ----------------------------------------------------------------------
+    @property
+    def grid(self) -> "tuple[int, int, int]":
+        return self.engine_dir.grid.shape
 
-    # ----------------------------------------------------------------------------------------------- sampling
+    @property
+    def num_slots(self) -> int:
+        return self.engine_dir.grid.num_slots
+
+    @property
+    def codebook_size(self) -> int:
+        return self.engine_dir.codebook_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.engine_dir.mask_id
+
+    @property
+    def image_size(self) -> int:
+        return self.engine_dir.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.engine_dir.num_classes
+
+    @property
+    def class_names(self) -> List[str]:
+        return self.engine_dir.class_names
+
+    @property
+    def default_steps(self) -> int:
+        return self.engine_dir.sampling.steps
+
+    def __repr__(self) -> str:
+        return (f"Generator({str(self.engine_dir.path)!r}, backend={self.backend_name!r}, "
+                f"precision={self.precision!r}, image_size={self.image_size}, grid={self.grid})")
+
+    # ---- lifetime ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Frees the runners' engines and buffers now (GPU memory on TensorRT); the Generator is unusable after."""
+        for runner in self.backend.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- sampling ----------------------------------------------------------------------------------------------
     def sample(
         self,
         n: int = 64,
         steps: Optional[int] = None,
         seed: Optional[int] = None,
-        class_labels: ClassLabels = None,
-        temperature: float = 1.0,
-        choice_temperature: float = 4.5,
+        class_labels: sampling.ClassLabels = None,
+        temperature: Optional[sampling.PerImage] = None,
+        choice_temperature: Optional[sampling.PerImage] = None,
         output_type: str = "pil",
         progress: Optional[Progress] = None,
-    ) -> Union[List[Image.Image], np.ndarray]:
-        """n new images: a list of PIL images, or uint8 [n,H,W,3] with output_type="np".
+    ) -> Output:
+        """n new images: a list of PIL images, uint8 [n,H,W,3] with output_type="np", or the token grids int32
+        [n, N] (N = h*w*c, row-major over (h, w, c)) with output_type="tokens".
 
         seed=None draws a fresh seed. Image i of a call depends on (seed, i) only, not on the batch size or backend.
         class_labels (conditional models): None (the null class), one label, or n labels (ints or class names).
+        steps, temperature and choice_temperature default to the engine directory's sampling defaults; the two
+        temperatures may be one number or one per image.
         """
-        check_output_type(output_type)
-        n, steps = _check_count(n), self._steps(steps)
-        ticker = _Ticker(progress, self._calls(n) * steps + self._image_calls(n))
-        tokens = self._sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, ticker)
-        return to_output(self._decode(tokens.reshape(n, *self.grid), ticker), output_type)
+        check_output_type(output_type, OUTPUT_TYPES)
+        n = sampling.check_count(n)
+        options = self.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
+        decode = output_type != "tokens"
+        ticker = _Ticker(progress, sampling.prior_calls(n, options.steps, self.batch_size)
+                         + decode * self._image_calls(n))
+        tokens = sampling.sample_tokens(self._step_fn(ticker), n, self.num_slots, self.mask_id, options.steps,
+                                        options.seed, options.class_labels, options.temperature,
+                                        options.choice_temperature, max_batch=self.batch_size)
+        return tokens if not decode else to_output(self._decode(tokens.reshape(n, *self.grid), ticker), output_type)
 
-    def sample_tokens(
-        self,
-        n: int = 64,
-        steps: Optional[int] = None,
-        seed: Optional[int] = None,
-        class_labels: ClassLabels = None,
-        temperature: float = 1.0,
-        choice_temperature: float = 4.5,
-        progress: Optional[Progress] = None,
-    ) -> np.ndarray:
-        """The token grids `sample` decodes: int32 [n, N] (N = h*w*c, row-major over (h, w, c))."""
-        n, steps = _check_count(n), self._steps(steps)
-        ticker = _Ticker(progress, self._calls(n) * steps)
-        return self._sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, ticker)
+    def sample_tokens(self, n: int = 64, **options) -> np.ndarray:
+        """`sample(n, ..., output_type="tokens")`: the token grids `sample` decodes, int32 [n, N]."""
+        return self.sample(n, output_type="tokens", **options)
 
-    def _sample_tokens(self, n, steps, seed, class_labels, temperature, choice_temperature, ticker) -> np.ndarray:
-        labels = self._class_labels(class_labels, n)
-        temperature, choice_temperature = _check_temperatures(temperature, choice_temperature)
-        return sampling.sample_tokens(self._step_fn(ticker), n, self.num_slots, self.mask_id, steps,
-                                      _check_seed(seed), labels, temperature, choice_temperature,
-                                      max_batch=self.batch_size)
-
-    # ------------------------------------------------------------------------------------------------ editing
+    # ---- editing -----------------------------------------------------------------------------------------------
     def edit(
         self,
         images: ImagesLike,
         masks,
         steps: Optional[int] = None,
         seed: Optional[int] = None,
-        class_labels: ClassLabels = None,
-        temperature: float = 1.0,
-        choice_temperature: float = 4.5,
+        class_labels: sampling.ClassLabels = None,
+        temperature: Optional[sampling.PerImage] = None,
+        choice_temperature: Optional[sampling.PerImage] = None,
         output_type: str = "pil",
         paste_original: bool = False,
         feather: int = 2,
         progress: Optional[Progress] = None,
-    ) -> Union[List[Image.Image], np.ndarray]:
+    ) -> Output:
         """Regenerates the masked regions of images (inpainting; outpainting with images.extend_canvas).
 
         masks: one per image, PIL "L"/"1" images or bool arrays [H,W] (True / white = regenerate). A latent
         position is regenerated when its cell holds any masked pixel. With paste_original, pixels outside the mask
         are the original ones, joined to the generated region over a seam of about 2*feather pixels.
         An all-masked edit gives what `sample` gives for the same seed; an empty mask gives the reconstruction.
+        output_type="tokens" returns the edited token grids int32 [B, N] (slots outside the masked cells keep the
+        images' tokens). The other arguments are `sample`'s.
         """
-        check_output_type(output_type)
-        if not (_is_int(feather) and feather >= 0):
+        check_output_type(output_type, OUTPUT_TYPES)
+        if not (sampling._is_int(feather) and feather >= 0):
             raise ValueError(f"feather must be a non-negative int (pixels), got {feather!r}")
-        pixels, pixel_masks, steps, ticker = self._edit_inputs(images, masks, steps, progress, decode=True)
-        tokens = self._edit_tokens(pixels, pixel_masks, steps, seed, class_labels, temperature, choice_temperature,
-                                   ticker)
-        edited = self._decode(tokens.reshape(len(pixels), *self.grid), ticker)
-        if paste_original:
-            edited = paste_outside_mask(pixels, edited, pixel_masks, feather)
-        return to_output(edited, output_type)
-
-    def edit_tokens(
-        self,
-        images: ImagesLike,
-        masks,
-        steps: Optional[int] = None,
-        seed: Optional[int] = None,
-        class_labels: ClassLabels = None,
-        temperature: float = 1.0,
-        choice_temperature: float = 4.5,
-        progress: Optional[Progress] = None,
-    ) -> np.ndarray:
-        """The token grids `edit` decodes: int32 [B, N]; slots outside the masked cells keep the images' tokens."""
-        pixels, pixel_masks, steps, ticker = self._edit_inputs(images, masks, steps, progress, decode=False)
-        return self._edit_tokens(pixels, pixel_masks, steps, seed, class_labels, temperature, choice_temperature,
-                                 ticker)
-
-    def _edit_tokens(self, pixels, pixel_masks, steps, seed, class_labels, temperature, choice_temperature,
-                     ticker) -> np.ndarray:
-        seed = _check_seed(seed)
-        labels = self._class_labels(class_labels, len(pixels))
-        temperature, choice_temperature = _check_temperatures(temperature, choice_temperature)
-        slot_mask = sampling.slot_mask_from_pixels(pixel_masks, self.grid)  # (B, N)
-        tokens = self._encode(pixels, ticker).reshape(len(pixels), self.num_slots)  # (B, N)
-        return sampling.edit_tokens(self._step_fn(ticker), tokens, slot_mask, self.mask_id, steps, seed, labels,
-                                    temperature, choice_temperature, max_batch=self.batch_size)
-
-    def _edit_inputs(self, images, masks, steps, progress, decode: bool):
-        """(pixels uint8 [B,H,W,3], pixel masks bool [B,H,W], steps, the ticker) of an edit, all checked."""
+        decode = output_type != "tokens"
+        if paste_original and not decode:
+            raise ValueError("paste_original pastes pixels: it needs output_type 'pil' or 'np', not 'tokens'")
         pixels = to_uint8_images(images, self.image_size)
         pixel_masks = to_bool_masks(masks, len(pixels), self.image_size)
-        steps = self._steps(steps)
-        # Engine calls of an edit: encode, the prior steps of the images with something masked, decode.
-        count = len(pixel_masks)
-        edited = int(pixel_masks.reshape(count, -1).any(axis=1).sum())
-        ticker = _Ticker(progress, self._image_calls(count) * (1 + decode) + self._calls(edited) * steps)
-        return pixels, pixel_masks, steps, ticker
+        count = len(pixels)
+        options = self.sampling_options(count, steps, seed, class_labels, temperature, choice_temperature)
+        slot_mask = sampling.slot_mask_from_pixels(pixel_masks, self.grid)  # (B, N)
+        edited = len(sampling.rows_to_generate(slot_mask))
+        ticker = _Ticker(progress, self._image_calls(count) * (1 + decode)
+                         + sampling.prior_calls(edited, options.steps, self.batch_size))
+        tokens = self._encode(pixels, ticker).reshape(count, self.num_slots)  # (B, N)
+        tokens = sampling.edit_tokens(self._step_fn(ticker), tokens, slot_mask, self.mask_id, options.steps,
+                                      options.seed, options.class_labels, options.temperature,
+                                      options.choice_temperature, max_batch=self.batch_size)
+        if not decode:
+            return tokens
+        images = self._decode(tokens.reshape(count, *self.grid), ticker)
+        if paste_original:
+            images = paste_outside_mask(pixels, images, pixel_masks, feather)
+        return to_output(images, output_type)
 
-    # ------------------------------------------------------------------------------------- tokenizer graphs
+    def edit_tokens(self, images: ImagesLike, masks, **options) -> np.ndarray:
+        """`edit(images, masks, ..., output_type="tokens")`: the token grids `edit` decodes, int32 [B, N]."""
+        return self.edit(images, masks, output_type="tokens", **options)
+
+    # ---- tokenizer graphs --------------------------------------------------------------------------------------
     def encode(self, images: ImagesLike) -> np.ndarray:
         """PIL image(s) or uint8 [B,H,W,3] -> token indices int32 [B,h,w,c]."""
         return self._encode(to_uint8_images(images, self.image_size), None)
 
-    def decode(self, indices: np.ndarray, output_type: str = "pil") -> Union[List[Image.Image], np.ndarray]:
+    def decode(self, indices: np.ndarray, output_type: str = "pil") -> Output:
         """Token indices int [B,h,w,c] (or [B,N]) -> images (a list of PIL images, or uint8 [B,H,W,3] with "np")."""
         check_output_type(output_type)
         indices = np.asarray(indices)
@@ -222,29 +229,23 @@ class Generator:
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{indices.min()}, {indices.max()}]")
         return to_output(self._decode(indices.astype(np.int32), None), output_type)
 
-    def reconstruct(self, images: ImagesLike, output_type: str = "pil") -> Union[List[Image.Image], np.ndarray]:
+    def reconstruct(self, images: ImagesLike, output_type: str = "pil") -> Output:
         """encode then decode: what the tokenizer keeps of the images."""
         check_output_type(output_type)
         pixels = to_uint8_images(images, self.image_size)
         return to_output(self._decode(self._encode(pixels, None), None), output_type)
 
-    # -------------------------------------------------------------------------------------------- internals
-    def _step_fn(self, ticker: "_Ticker") -> sampling.StepFn:
-        def step(tokens, class_labels, uniform, gumbel, temperature, choice_scale):
-            feeds = {
-                "tokens": np.ascontiguousarray(tokens, dtype=np.int32),  # (B, N)
-                "uniform": np.ascontiguousarray(uniform, dtype=np.float32),  # (B, N)
-                "gumbel": np.ascontiguousarray(gumbel, dtype=np.float32),  # (B, N)
-                "temperature": np.array([temperature], dtype=np.float32),
-                "choice_scale": np.array([choice_scale], dtype=np.float32),
-            }
-            if self._prior_takes_labels:
-                feeds["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.int32)  # (B,)
-            out = self._prior.run(feeds)
-            ticker.tick()
-            return out["sampled"], out["confidence"]
+    # ---- internals ---------------------------------------------------------------------------------------------
+    def sampling_options(self, n: int, steps=None, seed=None, class_labels=None, temperature=None,
+                         choice_temperature=None) -> sampling.SamplingOptions:
+        """The checked arguments of a call that makes n images, as `sample` checks them (the engine directory's
+        defaults for None; a fresh seed for seed=None); ValueError in one line."""
+        return sampling.check_options(n, steps, seed, class_labels, temperature, choice_temperature,
+                                      num_classes=self.num_classes, class_names=self.class_names,
+                                      defaults=self.engine_dir.sampling)
 
-        return step
+    def _step_fn(self, ticker: "_Ticker") -> sampling.StepFn:
+        return contract.runner_step_fn(self._prior, after_call=ticker.tick)
 
     def _encode(self, pixels: np.ndarray, ticker: Optional["_Ticker"]) -> np.ndarray:
         return self._run_chunked(self._encoder, "image", pixels, "indices", ticker)  # (B, h, w, c) int32
@@ -261,43 +262,8 @@ class Generator:
                 ticker.tick()
         return np.concatenate(chunks)
 
-    def _calls(self, n: int) -> int:
-        return math.ceil(n / self.batch_size)
-
     def _image_calls(self, n: int) -> int:
         return math.ceil(n / self.image_batch_size)
-
-    def _steps(self, steps: Optional[int]) -> int:
-        if steps is None:
-            return self.default_steps
-        if not (_is_int(steps) and steps > 0):
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        return int(steps)
-
-    def _class_labels(self, class_labels: ClassLabels, n: int) -> Optional[np.ndarray]:
-        """int32 [n] prior labels (the null class num_classes where none is given), or None if unconditional."""
-        if self.num_classes == 0 or class_labels is None:
-            return sampling.resolve_class_labels(class_labels, n, self.num_classes)
-        single = isinstance(class_labels, (str, numbers.Integral)) or np.ndim(class_labels) == 0
-        labels = [np.asarray(class_labels).item()] * n if single else list(class_labels)  # 0-d arrays too
-        if len(labels) != n:
-            raise ValueError(f"got {len(labels)} class labels for {n} images; give one label or one per image")
-        ids = []
-        for label in labels:
-            if label is None:
-                ids.append(self.num_classes)
-            elif isinstance(label, str):
-                if label not in self.class_names:
-                    raise ValueError(f"unknown class name {label!r}; this model knows {len(self.class_names)} names")
-                ids.append(self.class_names.index(label))
-            elif _is_int(label):
-                if not 0 <= label < self.num_classes:
-                    raise ValueError(f"class label {label} is out of range: this model has {self.num_classes} "
-                                     f"classes (0..{self.num_classes - 1}; None for no class)")
-                ids.append(int(label))
-            else:
-                raise ValueError(f"class labels must be ints, class names or None, got {label!r}")
-        return np.asarray(ids, dtype=np.int32)
 
 
 class _Ticker:
@@ -310,32 +276,3 @@ class _Ticker:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, self.total)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_count(n) -> int:
-    if not (_is_int(n) and n > 0):
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    return int(n)
-
-
-def _check_seed(seed) -> int:
-    if seed is None:
-        return secrets.randbits(63)
-    if not (_is_int(seed) and seed >= 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return int(seed)
-
-
-def _check_temperatures(temperature, choice_temperature) -> "tuple[float, float]":
-    for name, value, low in (("temperature", temperature, "> 0"), ("choice_temperature", choice_temperature, ">= 0")):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if choice_temperature < 0:
-        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature!r}")
-    return float(temperature), float(choice_temperature)

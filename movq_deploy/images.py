@@ -83,9 +83,9 @@ def to_output(images: np.ndarray, output_type: str) -> Union[List[Image.Image], 
     return [Image.fromarray(image) for image in images]
 
 
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+def check_output_type(output_type: str, allowed: Sequence[str] = OUTPUT_TYPES) -> None:
+    if output_type not in allowed:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, allowed))}; got {output_type!r}")
 
 
 def paste_outside_mask(original: np.ndarray, generated: np.ndarray, masks: np.ndarray, feather: int = 2) -> np.ndarray:

@@ -1,67 +1,203 @@
-"""manifest.json: what an engine directory holds, and the checks that make a stale or altered file fail loudly.
+"""An engine directory, typed: its manifest.json and the checks that make a stale or altered file fail loudly.
 
-Written by export/to_onnx.py (model, sampling defaults, "graphs", "validation") and export/build_trt.py
-("engines"); read by the runtime. numpy-free and torch-free: json + hashlib only. Layout (see CONTRACTS.md):
+Written by the exporter (export/to_onnx.py: model, grid, sampling defaults, "graphs", "validation", "export") and
+by export/build_trt.py ("engines"); read by the runtime. torch-free. Layout
+(docs/DESIGN.md, "The engine directory"):
 
-    {"format": "movq-deploy-engines", "format_version": 1,
+    {"format": "movq-deploy-engines", "format_version": 2,
      "model": {"tokenizer": {...}, "prior": {...}}, "grid": {"h", "w", "c"}, "codebook_size": K, "mask_id": K,
      "image_size": H, "num_classes": n, "class_names": [...],
-     "sampling": {"steps", "remask_counts", "temperature", "choice_temperature"},
-     "graphs": {precision: {graph name: {"file", "sha256", "opset", "precision", "exporter", "inputs", "outputs"}}},
+     "sampling": {"steps", "temperature", "choice_temperature"},
+     "graphs": {precision: {graph name: {"file", "sha256", "opset", "exporter", "inputs", "outputs"}}},
      "validation": {"batch_sizes", "tolerance", precision: {graph name: {figure: value}}},
      "export": {"checkpoint", "checkpoint_sha256", "torch", "onnx", "onnxruntime", "seconds"},
      "engines": {precision: {graph name: {"file", "sha256", "onnx_sha256", ...}}}}   # export/build_trt.py
 
-precision is "fp32" | "fp16" | "int8" (int8: "prior" only, an ONNX Runtime CPU graph; use the fp32 encoder and
-decoder with it). A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints,
-"batch" for the dynamic axis)}. "validation" holds the errors measured at export: fp32 against PyTorch, fp16 and
-int8 against the fp32 graph (e.g. "top_token_agreement" of the prior).
+precision is "fp32" | "fp16" | "int8" (int8: "prior" only, an ONNX Runtime CPU graph; the fp32 encoder and decoder
+go with it). A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
+for the dynamic axis)}, as movq_deploy.contract names them. "validation" holds the errors measured at export (fp32
+against PyTorch, fp16 and int8 against the fp32 graph) and "export" the provenance (the checkpoint the engines came
+from and the tool versions), for people and for benchmarks/latency.py, which finds the checkpoint by it.
+Version 2 made the prior step's temperature and choice_scale per-image inputs [B]; version 1 took one value [1].
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
+from movq_deploy.contract import GRAPH_NAMES
 from movq_deploy.files import atomic_write_text, sha256_file
+from movq_deploy.sampling import SamplingDefaults
 
 FORMAT = "movq-deploy-engines"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-GRAPH_NAMES = ("encoder", "decoder", "prior")
+REEXPORT = "re-export with export/to_onnx.py"
 
 
-def load_manifest(engine_dir: "str | os.PathLike[str]") -> dict:
-    """Reads and checks engine_dir/manifest.json; raises FileNotFoundError / ValueError with a one-line message."""
-    engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
-        raise FileNotFoundError(f"engine directory {engine_dir} does not exist (run export/to_onnx.py first)")
-    path = engine_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {engine_dir} is not an engine directory")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path} is not a {FORMAT} manifest (format {found!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format version {version!r}; this movq-deploy reads version {FORMAT_VERSION} "
-            f"(re-export the engine directory)"
+@dataclass(frozen=True)
+class Grid:
+    """The latent token grid: h x w positions, c tokens (channel chunks) per position."""
+
+    h: int
+    w: int
+    c: int
+
+    @property
+    def shape(self) -> "tuple[int, int, int]":
+        return self.h, self.w, self.c
+
+    @property
+    def num_slots(self) -> int:  # N, the prior's sequence length
+        return self.h * self.w * self.c
+
+
+@dataclass
+class EngineDir:
+    """An engine directory: where it lies, what its manifest says, and the files it lists (verified on use)."""
+
+    path: Path
+    model: Dict[str, dict]  # {"tokenizer": MoVQConfig dict, "prior": PriorConfig dict}
+    grid: Grid
+    codebook_size: int  # K; the mask token is K
+    image_size: int
+    num_classes: int = 0  # 0: unconditional prior (no class_labels input); else class ids 0..n-1, n = no class
+    class_names: List[str] = field(default_factory=list)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    graphs: Dict[str, Dict[str, dict]] = field(default_factory=dict)  # precision -> graph -> ONNX file entry
+    engines: Dict[str, Dict[str, dict]] = field(default_factory=dict)  # precision -> graph -> TensorRT plan entry
+    validation: Dict[str, Any] = field(default_factory=dict)
+    export: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    # ---- reading and writing -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "EngineDir":
+        """Reads and checks path/manifest.json; raises FileNotFoundError / ValueError with a one-line message."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"engine directory {path} does not exist (run export/to_onnx.py first)")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} is missing: {path} is not an engine directory")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
+        return cls.from_dict(path, data)
+
+    @classmethod
+    def from_dict(cls, path: "str | os.PathLike[str]", data: Any) -> "EngineDir":
+        """The EngineDir of a parsed manifest; ValueError (one line, naming the key) for anything missing."""
+        where = Path(path) / MANIFEST_NAME
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{where} is not a {FORMAT} manifest (format {found!r})")
+        version = data.get("format_version")
+        if version == 1:
+            raise ValueError(f"{where} has format version 1, whose prior graph takes one temperature per call; "
+                             f"this movq-deploy reads version {FORMAT_VERSION}: {REEXPORT}")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{where} has format version {version!r}; this movq-deploy reads version "
+                             f"{FORMAT_VERSION}: {REEXPORT}")
+        read = _Reader(data, where)
+        sampling = SamplingDefaults(read.int("sampling.steps"), read.float("sampling.temperature"),
+                                    read.float("sampling.choice_temperature"))
+        engine_dir = cls(
+            path=Path(path), model=read.dict("model"),
+            grid=Grid(read.int("grid.h"), read.int("grid.w"), read.int("grid.c")),
+            codebook_size=read.int("codebook_size"), image_size=read.int("image_size"),
+            num_classes=read.int("num_classes"), class_names=read.list("class_names"), sampling=sampling,
+            graphs=read.dict("graphs"), engines=read.dict("engines", optional=True),
+            validation=read.dict("validation", optional=True), export=read.dict("export", optional=True),
         )
-    return manifest
+        if read.int("mask_id") != engine_dir.codebook_size:
+            raise ValueError(f"{where}: mask_id {data['mask_id']} must equal codebook_size "
+                             f"{engine_dir.codebook_size}; {REEXPORT}")
+        if engine_dir.class_names and len(engine_dir.class_names) != engine_dir.num_classes:
+            raise ValueError(f"{where}: {len(engine_dir.class_names)} class_names for num_classes "
+                             f"{engine_dir.num_classes}; {REEXPORT}")
+        return engine_dir
+
+    def to_dict(self) -> dict:
+        """The manifest as JSON data, format and version stamped."""
+        data = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
+            "grid": {"h": self.grid.h, "w": self.grid.w, "c": self.grid.c},
+            "codebook_size": self.codebook_size, "mask_id": self.mask_id, "image_size": self.image_size,
+            "num_classes": self.num_classes, "class_names": list(self.class_names),
+            "sampling": {"steps": self.sampling.steps, "temperature": self.sampling.temperature,
+                         "choice_temperature": self.sampling.choice_temperature},
+            "graphs": self.graphs, "validation": self.validation, "export": self.export,
+        }
+        if self.engines:
+            data["engines"] = self.engines
+        return data
+
+    def write(self) -> Path:
+        """Writes path/manifest.json atomically (a temporary name, then a rename); returns its path."""
+        atomic_write_text(self.manifest_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return self.manifest_path
+
+    def moved_to(self, path: "str | os.PathLike[str]") -> "EngineDir":
+        """The same manifest for a directory renamed to `path`."""
+        return replace(self, path=Path(path))
+
+    # ---- graphs and engines ------------------------------------------------------------------------------------
+    def graph(self, precision: str, name: str) -> Optional[dict]:
+        """The ONNX file entry of graph `name` at `precision`, or None."""
+        return self.graphs.get(precision, {}).get(name)
+
+    def graph_entries(self, precision: str) -> Dict[str, dict]:
+        """{graph name: ONNX file entry} of the three graphs at `precision`; FileNotFoundError naming a missing one.
+
+        "int8" quantizes the prior only: its encoder and decoder are the fp32 graphs.
+        """
+        entries = {}
+        for name in GRAPH_NAMES:
+            graph_precision = "fp32" if precision == "int8" and name != "prior" else precision
+            entry = self.graph(graph_precision, name)
+            if entry is None:
+                hint = {"int8": " (export with --int8)", "fp16": " (export with --fp16)"}.get(graph_precision, "")
+                raise FileNotFoundError(f"{self.manifest_path} lists no {graph_precision} {name} graph{hint}")
+            entries[name] = entry
+        return entries
+
+    def engine(self, precision: str, name: str) -> Optional[dict]:
+        """The TensorRT plan entry of graph `name` at `precision`, or None."""
+        return self.engines.get(precision, {}).get(name)
+
+    def set_engine(self, precision: str, name: str, entry: dict) -> None:
+        self.engines.setdefault(precision, {})[name] = entry
+
+    def verify(self, entry: dict) -> Path:
+        """The path of the file an entry ({"file", "sha256", ...}) names, checked to exist and be unaltered."""
+        return verify_file(self.path, entry)
+
+    def file_entry(self, file: str, **fields: Any) -> dict:
+        """A manifest entry for path/file: {"file", "sha256", **fields} (the hash is taken now)."""
+        return file_entry(self.path, file, **fields)
 
 
-def verify_file(engine_dir: "str | os.PathLike[str]", entry: dict) -> Path:
+def verify_file(directory: "str | os.PathLike[str]", entry: dict) -> Path:
     """Checks that the file named by a manifest entry ({"file", "sha256", ...}) exists and is unaltered.
 
     Returns its path. Raises FileNotFoundError (missing) or ValueError (sha256 mismatch), naming the file.
     """
-    path = Path(engine_dir) / entry["file"]
+    path = Path(directory) / entry["file"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} listed in {MANIFEST_NAME} is missing")
     actual = sha256_file(path)
@@ -73,16 +209,44 @@ def verify_file(engine_dir: "str | os.PathLike[str]", entry: dict) -> Path:
     return path
 
 
-def file_entry(engine_dir: "str | os.PathLike[str]", file: str, **fields: Any) -> dict:
-    """A manifest entry for engine_dir/file: {"file", "sha256", **fields} (the hash is taken now)."""
-    return {"file": file, "sha256": sha256_file(Path(engine_dir) / file), **fields}
+def file_entry(directory: "str | os.PathLike[str]", file: str, **fields: Any) -> dict:
+    """A manifest entry for directory/file: {"file", "sha256", **fields} (the hash is taken now)."""
+    return {"file": file, "sha256": sha256_file(Path(directory) / file), **fields}
 
 
-def write_manifest(engine_dir: "str | os.PathLike[str]", manifest: dict) -> Path:
-    """Writes engine_dir/manifest.json atomically (format and version stamped); returns its path."""
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-    if manifest["format"] != FORMAT or manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"refusing to write a manifest of format {manifest['format']!r} v{manifest['format_version']}")
-    path = Path(engine_dir) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    return path
+class _Reader:
+    """Typed reads of dotted keys ("grid.h") from manifest data, each failing in one line that names the key."""
+
+    def __init__(self, data: dict, where: Path):
+        self.data, self.where = data, where
+
+    def _get(self, key: str, optional: bool = False):
+        value: Any = self.data
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                if optional:
+                    return None
+                raise ValueError(f"{self.where}: key {key!r} is missing; {REEXPORT}")
+            value = value[part]
+        return value
+
+    def _typed(self, key: str, kinds, what: str, optional: bool = False):
+        value = self._get(key, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ValueError(f"{self.where}: key {key!r} must be {what}, got {value!r}; {REEXPORT}")
+        return value
+
+    def int(self, key: str) -> int:
+        return self._typed(key, int, "an int")
+
+    def float(self, key: str) -> float:
+        return float(self._typed(key, (int, float), "a number"))
+
+    def list(self, key: str) -> list:
+        return list(self._typed(key, list, "a list"))
+
+    def dict(self, key: str, optional: bool = False) -> dict:
+        value = self._typed(key, dict, "an object", optional)
+        return {} if value is None else value

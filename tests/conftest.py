@@ -46,6 +46,21 @@ def _export_tiny(root: Path, num_classes: int, class_names: "list[str]", seed: i
     return TinyEngines(ckpt, engine_dir, num_classes, class_names)
 
 
+def _minimal_engine_dir(path: Path, **fields):
+    from movq_deploy.manifest import EngineDir, Grid
+
+    path.mkdir(parents=True, exist_ok=True)
+    defaults = dict(model={"tokenizer": {}, "prior": {}}, grid=Grid(2, 2, 1), codebook_size=16, image_size=8)
+    return EngineDir(path, **{**defaults, **fields})
+
+
+@pytest.fixture
+def make_engine_dir():
+    """make_engine_dir(path, **fields) -> an EngineDir (not yet written) of a made-up small model, for tests that
+    need a manifest but not real graphs; fields override (graphs=..., engines=...)."""
+    return _minimal_engine_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory) -> TinyEngines:
     """A tiny class-conditional model (3 classes), exported with fp32 graphs and the int8 prior."""

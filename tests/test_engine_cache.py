@@ -10,16 +10,21 @@ PROFILE = ec.BatchProfile(1, 16, 64)
 ONNX_SHA = "a" * 64
 
 
-def _built(tmp_path, platform=H100, precision="fp16", profile=PROFILE, graphs=ec.ENGINE_GRAPHS, onnx_sha=ONNX_SHA):
-    """A manifest whose engines were 'built' (plan files written) under the given key."""
-    manifest = {}
-    for graph in graphs:
-        name = ec.plan_file_name(graph, precision)
-        data = f"plan {graph} {precision}".encode()
-        (tmp_path / name).write_bytes(data)
-        key = ec.engine_key(onnx_sha, platform, precision, profile)
-        ec.set_engine_entry(manifest, precision, graph, ec.engine_entry(name, hashlib.sha256(data).hexdigest(), key))
-    return manifest
+@pytest.fixture
+def built(make_engine_dir):
+    def build(tmp_path, platform=H100, precision="fp16", profile=PROFILE, graphs=ec.ENGINE_GRAPHS,
+              onnx_sha=ONNX_SHA):
+        """An engine directory whose engines were 'built' (plan files written) under the given key."""
+        engine_dir = make_engine_dir(tmp_path)
+        for graph in graphs:
+            name = ec.plan_file_name(graph, precision)
+            data = f"plan {graph} {precision}".encode()
+            (tmp_path / name).write_bytes(data)
+            key = ec.engine_key(onnx_sha, platform, precision, profile)
+            engine_dir.set_engine(precision, graph, ec.engine_entry(name, hashlib.sha256(data).hexdigest(), key))
+        return engine_dir
+
+    return build
 
 
 def test_batch_profile_validates_and_round_trips():
@@ -30,18 +35,18 @@ def test_batch_profile_validates_and_round_trips():
             ec.BatchProfile(*bad)
 
 
-def test_entry_holds_everything_the_manifest_contract_names(tmp_path):
-    entry = _built(tmp_path)["engines"]["fp16"]["prior"]
+def test_entry_holds_everything_the_manifest_contract_names(tmp_path, built):
+    entry = built(tmp_path).engines["fp16"]["prior"]
     assert entry["file"] == "prior.fp16.plan"
     assert set(entry) == {"file", "sha256", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
                           "profile", "precision", "tf32"}
     assert entry["profile"] == {"min": 1, "opt": 16, "max": 64} and entry["precision"] == "fp16"
 
 
-def test_fresh_engine_is_not_stale(tmp_path):
-    manifest = _built(tmp_path)
+def test_fresh_engine_is_not_stale(tmp_path, built):
+    manifest = built(tmp_path)
     key = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE)
-    assert all(ec.stale_reason(tmp_path, manifest, "fp16", g, key) is None for g in ec.ENGINE_GRAPHS)
+    assert all(ec.stale_reason(manifest, "fp16", g, key) is None for g in ec.ENGINE_GRAPHS)
 
 
 @pytest.mark.parametrize(
@@ -54,42 +59,42 @@ def test_fresh_engine_is_not_stale(tmp_path):
         (dict(profile=ec.BatchProfile(1, 16, 128)), "batch profile"),
     ],
 )
-def test_each_key_part_makes_the_engine_stale(tmp_path, change, expected):
-    manifest = _built(tmp_path)
+def test_each_key_part_makes_the_engine_stale(tmp_path, change, expected, built):
+    manifest = built(tmp_path)
     key = ec.engine_key(
         change.get("onnx_sha", ONNX_SHA), change.get("platform", H100), "fp16", change.get("profile", PROFILE)
     )
-    reason = ec.stale_reason(tmp_path, manifest, "fp16", "prior", key)
+    reason = ec.stale_reason(manifest, "fp16", "prior", key)
     assert reason is not None and expected in reason
 
 
-def test_tf32_setting_is_part_of_the_key(tmp_path):
-    manifest = _built(tmp_path)
+def test_tf32_setting_is_part_of_the_key(tmp_path, built):
+    manifest = built(tmp_path)
     no_tf32 = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE, tf32=False)
-    assert "TF32 on, asked for off" in ec.stale_reason(tmp_path, manifest, "fp16", "prior", no_tf32)
+    assert "TF32 on, asked for off" in ec.stale_reason(manifest, "fp16", "prior", no_tf32)
 
 
-def test_other_precision_and_missing_engine_are_stale(tmp_path):
-    manifest = _built(tmp_path, precision="fp16")
+def test_other_precision_and_missing_engine_are_stale(tmp_path, built):
+    manifest = built(tmp_path, precision="fp16")
     fp32_key = ec.engine_key(ONNX_SHA, H100, "fp32", PROFILE)
-    assert ec.stale_reason(tmp_path, manifest, "fp32", "prior", fp32_key) == "no engine built yet"
+    assert ec.stale_reason(manifest, "fp32", "prior", fp32_key) == "no engine built yet"
     # An entry whose recorded precision disagrees with its slot (hand-edited manifest) is rebuilt too.
-    manifest["engines"]["fp32"] = {"prior": dict(manifest["engines"]["fp16"]["prior"])}
-    assert "built as fp16" in ec.stale_reason(tmp_path, manifest, "fp32", "prior", fp32_key)
+    manifest.engines["fp32"] = {"prior": dict(manifest.engines["fp16"]["prior"])}
+    assert "built as fp16" in ec.stale_reason(manifest, "fp32", "prior", fp32_key)
 
 
-def test_missing_or_altered_plan_is_stale(tmp_path):
-    manifest = _built(tmp_path)
+def test_missing_or_altered_plan_is_stale(tmp_path, built):
+    manifest = built(tmp_path)
     key = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE)
     (tmp_path / "decoder.fp16.plan").write_bytes(b"tampered")
     (tmp_path / "encoder.fp16.plan").unlink()
-    assert "does not match its sha256" in ec.stale_reason(tmp_path, manifest, "fp16", "decoder", key)
-    assert "missing" in ec.stale_reason(tmp_path, manifest, "fp16", "encoder", key)
-    assert ec.stale_reason(tmp_path, manifest, "fp16", "prior", key) is None
+    assert "does not match its sha256" in ec.stale_reason(manifest, "fp16", "decoder", key)
+    assert "missing" in ec.stale_reason(manifest, "fp16", "encoder", key)
+    assert ec.stale_reason(manifest, "fp16", "prior", key) is None
 
 
-def test_runtime_platform_check_names_the_mismatch(tmp_path):
-    entry = _built(tmp_path)["engines"]["fp16"]["prior"]
+def test_runtime_platform_check_names_the_mismatch(tmp_path, built):
+    entry = built(tmp_path).engines["fp16"]["prior"]
     ec.check_engine_platform(entry, H100)  # same platform: no error
     with pytest.raises(ValueError, match=r"TensorRT 10\.13\.3\.9 but this is TensorRT 11\.4\.0\.106.*build_trt"):
         ec.check_engine_platform(entry, ec.Platform("11.4.0.106", H100.gpu_name, "9.0"))
@@ -97,22 +102,23 @@ def test_runtime_platform_check_names_the_mismatch(tmp_path):
         ec.check_engine_platform(entry, ec.Platform(H100.tensorrt_version, "NVIDIA L4", "8.9"))
 
 
-def test_usable_precisions_prefer_fp16_and_need_all_three_graphs(tmp_path):
-    manifest = _built(tmp_path, precision="fp32")
-    manifest["engines"].update(_built(tmp_path, precision="fp16")["engines"])
+def test_usable_precisions_prefer_fp16_and_need_all_three_graphs(tmp_path, built):
+    manifest = built(tmp_path, precision="fp32")
+    manifest.engines.update(built(tmp_path, precision="fp16").engines)
     assert ec.usable_precisions(manifest, H100) == ["fp16", "fp32"]
-    del manifest["engines"]["fp16"]["decoder"]
+    del manifest.engines["fp16"]["decoder"]
     assert ec.usable_precisions(manifest, H100) == ["fp32"]
     ok, reason = ec.engines_status(manifest, H100)
     assert ok and "fp32" in reason and "H100" in reason
 
 
-def test_engines_status_explains_why_not(tmp_path):
-    assert ec.engines_status({}, H100) == (False, ec.engines_status({"engines": {}}, H100)[1])
-    assert "no TensorRT engines" in ec.engines_status({}, H100)[1]
-    manifest = _built(tmp_path)
+def test_engines_status_explains_why_not(tmp_path, built, make_engine_dir):
+    empty = make_engine_dir(tmp_path / "empty")
+    assert ec.engines_status(empty, H100) == (False, ec.engines_status(empty, H100)[1])
+    assert "no TensorRT engines" in ec.engines_status(empty, H100)[1]
+    manifest = built(tmp_path)
     ok, reason = ec.engines_status(manifest, ec.Platform("11.4.0.106", H100.gpu_name, "9.0"))
     assert not ok and "fp16" in reason and "TensorRT 10.13.3.9" in reason
-    partial = _built(tmp_path, graphs=("prior",))
+    partial = built(tmp_path, graphs=("prior",))
     ok, reason = ec.engines_status(partial, H100)
     assert not ok and "no encoder/decoder engine" in reason

@@ -20,13 +20,13 @@ def toy_step(tokens, class_labels, uniform, gumbel, temperature, choice_scale):
     logits = embed[tokens] + position + 2.0 * context
     if class_labels is not None:
         logits = logits + 3.0 * classes[class_labels][:, None]
-    logits = logits / temperature
+    logits = logits / temperature[:, None, None]  # per image
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
     drawn = np.minimum((cdf < uniform[..., None] * cdf[..., -1:]).sum(-1), K - 1)
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs = log_probs - np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    confidence = np.take_along_axis(log_probs, drawn[..., None], -1)[..., 0] + choice_scale * gumbel
+    confidence = np.take_along_axis(log_probs, drawn[..., None], -1)[..., 0] + choice_scale[:, None] * gumbel
     known = tokens != K
     return (np.where(known, tokens, drawn).astype(np.int32),
             np.where(known, np.inf, confidence).astype(np.float32))

@@ -6,7 +6,7 @@ A *runner* wraps one graph (encoder, decoder or prior step) or one TensorRT engi
     runner.max_batch: int | None                         (None: any batch; TensorRT: the profile's max)
     runner.run({name: np.ndarray}) -> {name: np.ndarray} (thread-safe)
 
-`open_runners(engine_dir, manifest, backend, precision)` opens the three runners on the best backend this machine
+`open_runners(engine_dir, backend, precision)` opens the three runners on the best backend this machine
 offers (TensorRT engines, else ONNX Runtime CUDA, else ONNX Runtime CPU) and says why it chose it. The sampling
 loop (movq_deploy.sampling) is written once, above this interface. torch is never imported here.
 """
@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
-from movq_deploy.manifest import GRAPH_NAMES
+from movq_deploy.contract import TensorSpec
+from movq_deploy.manifest import EngineDir
 
 logger = logging.getLogger("movq_deploy")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-GRAPHS = GRAPH_NAMES
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: "uint8", "int32", "float32", ...
-    shape: Tuple[Union[int, str], ...]  # "batch" for the dynamic axis
 
 
 class Runner(Protocol):
@@ -52,9 +44,7 @@ class Backend:
     runners: Dict[str, Runner]  # {"encoder", "decoder", "prior"}
 
 
-def open_runners(
-    engine_dir: "str | os.PathLike[str]", manifest: dict, backend: str = "auto", precision: str = "auto"
-) -> Backend:
+def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = "auto") -> Backend:
     """Opens the encoder, decoder and prior-step runners of `engine_dir` on `backend`.
 
     backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider when
@@ -69,11 +59,11 @@ def open_runners(
 
     skipped = []  # why each better backend was passed over, for .reason
     if backend in ("auto", "tensorrt"):
-        usable, why = _tensorrt_usable(manifest, precision)
+        usable, why = _tensorrt_usable(engine_dir, precision)
         if usable:
             module = importlib.import_module("movq_deploy.backends.tensorrt")
-            trt_precision = module.resolve_precision(manifest, precision)  # "auto": the fastest usable (fp16)
-            runners = module.open_tensorrt_runners(engine_dir, manifest, trt_precision)
+            trt_precision = module.resolve_precision(engine_dir, precision)  # "auto": the fastest usable (fp16)
+            runners = module.open_tensorrt_runners(engine_dir, trt_precision)
             return _chosen(Backend("tensorrt", f"TensorRT engines usable: {why}", trt_precision, runners))
         if backend == "tensorrt":
             raise RuntimeError(f"backend 'tensorrt' is not usable here: {why}")
@@ -82,7 +72,7 @@ def open_runners(
     from movq_deploy.backends import onnxruntime as ort_backend  # imported here: a TensorRT-only install works
 
     ort_precision = "fp32" if precision == "auto" else precision
-    files = graph_entries(manifest, ort_precision)
+    files = engine_dir.graph_entries(ort_precision)
     if backend in ("auto", "onnxruntime", "onnxruntime-cuda"):
         if ort_backend.cuda_available():
             runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cuda")
@@ -98,31 +88,13 @@ def open_runners(
     return _chosen(Backend("onnxruntime-cpu", reason + " -> ONNX Runtime on the CPU", ort_precision, runners))
 
 
-def graph_entries(manifest: dict, precision: str) -> Dict[str, dict]:
-    """The manifest entries ({"file", "sha256", ...}) of the three ONNX graphs at `precision`.
-
-    "int8" quantizes the prior only: its encoder and decoder are the fp32 graphs.
-    """
-    graphs = manifest.get("graphs", {})
-    wanted = {name: "fp32" if precision == "int8" and name != "prior" else precision for name in GRAPHS}
-    entries = {}
-    for name, graph_precision in wanted.items():
-        entry = graphs.get(graph_precision, {}).get(name)
-        if entry is None:
-            hint = " (export with --int8)" if graph_precision == "int8" else (
-                " (export with --fp16)" if graph_precision == "fp16" else "")
-            raise FileNotFoundError(f"the manifest lists no {graph_precision} {name} graph{hint}")
-        entries[name] = entry
-    return entries
-
-
-def _tensorrt_usable(manifest: dict, precision: str) -> Tuple[bool, str]:
+def _tensorrt_usable(engine_dir: EngineDir, precision: str) -> Tuple[bool, str]:
     """(usable, reason), asking movq_deploy.backends.tensorrt, which imports tensorrt itself (lazily)."""
     try:
         module = importlib.import_module("movq_deploy.backends.tensorrt")
     except ImportError as error:
         return False, f"TensorRT backend unavailable: {error}"
-    return module.tensorrt_usable(manifest, precision)
+    return module.tensorrt_usable(engine_dir, precision)
 
 
 def _chosen(backend: Backend) -> Backend:

@@ -24,8 +24,8 @@ from typing import Dict, Optional
 import numpy as np
 import onnxruntime as ort
 
-from movq_deploy.backends import TensorSpec
-from movq_deploy.manifest import verify_file
+from movq_deploy.contract import TensorSpec
+from movq_deploy.manifest import EngineDir
 
 _ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -98,10 +98,10 @@ class OnnxRuntimeRunner:
 
 
 def open_onnxruntime_runners(
-    engine_dir: "str | os.PathLike[str]", entries: Dict[str, dict], device: str = "cpu"
+    engine_dir: EngineDir, entries: Dict[str, dict], device: str = "cpu"
 ) -> Dict[str, OnnxRuntimeRunner]:
     """{graph name: runner} for the manifest entries {graph name: {"file", "sha256", ...}}, each file verified first."""
-    return {name: OnnxRuntimeRunner(verify_file(engine_dir, entry), device=device) for name, entry in entries.items()}
+    return {name: OnnxRuntimeRunner(engine_dir.verify(entry), device=device) for name, entry in entries.items()}
 
 
 def _spec(arg) -> TensorSpec:

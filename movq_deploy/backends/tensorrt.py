@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from movq_deploy import engine_cache
-from movq_deploy.manifest import verify_file
+from movq_deploy.contract import TensorSpec
+from movq_deploy.manifest import EngineDir, verify_file
 
 # TensorRT DataType member name -> numpy dtype name (the I/O types our graphs use; others are refused).
 _NUMPY_DTYPES = {
@@ -98,7 +99,7 @@ def current_platform(device: int = 0) -> engine_cache.Platform:
     return engine_cache.Platform(trt.__version__, gpu_name, compute_capability)
 
 
-def tensorrt_usable(manifest: dict, precision: str = "auto") -> "tuple[bool, str]":
+def tensorrt_usable(engine_dir: EngineDir, precision: str = "auto") -> "tuple[bool, str]":
     """Can this machine run the manifest's TensorRT engines (of `precision`, or of any for "auto")?
 
     Returns (answer, the reason in one line): TensorRT importable, a CUDA GPU present, and engines in the manifest
@@ -108,8 +109,8 @@ def tensorrt_usable(manifest: dict, precision: str = "auto") -> "tuple[bool, str
         platform = current_platform()
     except (ImportError, RuntimeError) as error:
         return False, str(error)
-    usable, reason = engine_cache.engines_status(manifest, platform)
-    if usable and precision != "auto" and precision not in engine_cache.usable_precisions(manifest, platform):
+    usable, reason = engine_cache.engines_status(engine_dir, platform)
+    if usable and precision != "auto" and precision not in engine_cache.usable_precisions(engine_dir, platform):
         return False, f"no {precision} engines match {platform.describe()} ({reason})"
     return usable, reason
 
@@ -199,7 +200,6 @@ class TensorRTRunner:
     """
 
     def __init__(self, plan_path: "str | os.PathLike[str]", *, entry: Optional[dict] = None, cuda_graphs: bool = False):
-        from movq_deploy.backends import TensorSpec  # H-runtime's; imported here to keep the package import order free
 
         plan_path = Path(plan_path)
         trt = _import_tensorrt()
@@ -383,38 +383,38 @@ class TensorRTRunner:
             raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log above)")
 
 
-def open_tensorrt_runners(engine_dir: "str | os.PathLike[str]", manifest: dict, precision: str = "auto", *, cuda_graphs: bool = True) -> dict:
+def open_tensorrt_runners(engine_dir: EngineDir, precision: str = "auto", *, cuda_graphs: bool = True) -> dict:
     """{"encoder", "decoder", "prior"} -> TensorRTRunner for the manifest's engines of `precision`.
 
     "auto" picks the fastest precision whose engines match this machine (`resolve_precision`). Each engine is
     checked (TensorRT version, GPU, sha256) before it is deserialized, and its I/O names against the manifest's
     graph. CUDA graphs are used for the prior step only (its shapes repeat every step).
     """
-    precision = resolve_precision(manifest, precision)
+    precision = resolve_precision(engine_dir, precision)
     runners = {}
     for graph in engine_cache.ENGINE_GRAPHS:
-        entry = engine_cache.get_engine_entry(manifest, precision, graph)
+        entry = engine_dir.engine(precision, graph)
         if entry is None:
             raise FileNotFoundError(
                 f"the manifest has no {precision} TensorRT engine for the {graph} "
-                f"(run `python export/build_trt.py --engine-dir {engine_dir}{' --fp16' if precision == 'fp16' else ''}`)"
+                f"(run `python export/build_trt.py --engine-dir {engine_dir.path}{' --fp16' if precision == 'fp16' else ''}`)"
             )
-        runner = TensorRTRunner(Path(engine_dir) / entry["file"], entry=entry, cuda_graphs=cuda_graphs and graph == "prior")
-        _check_io_names(runner, manifest.get("graphs", {}).get(precision, {}).get(graph), graph)
+        runner = TensorRTRunner(engine_dir.path / entry["file"], entry=entry, cuda_graphs=cuda_graphs and graph == "prior")
+        _check_io_names(runner, engine_dir.graph(precision, graph), graph)
         runners[graph] = runner
     return runners
 
 
-def resolve_precision(manifest: dict, precision: str = "auto") -> str:
+def resolve_precision(engine_dir: EngineDir, precision: str = "auto") -> str:
     """`precision`, or for "auto" the preferred one with engines matching this machine; ValueError if none."""
     if precision != "auto":
         if precision not in engine_cache.ENGINE_PRECISIONS:
             raise ValueError(f"TensorRT engines come in {'/'.join(engine_cache.ENGINE_PRECISIONS)}, not {precision!r}")
         return precision
     platform = current_platform()
-    usable = engine_cache.usable_precisions(manifest, platform)
+    usable = engine_cache.usable_precisions(engine_dir, platform)
     if not usable:
-        raise ValueError(f"no TensorRT engines usable here: {engine_cache.engines_status(manifest, platform)[1]}")
+        raise ValueError(f"no TensorRT engines usable here: {engine_cache.engines_status(engine_dir, platform)[1]}")
     return usable[0]
 
 

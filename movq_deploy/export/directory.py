@@ -30,11 +30,11 @@ def carry_over_engines(out: Path, work: Path, graphs: dict) -> dict:
     plans (and the timing cache) are copied into `work`, so build_trt.py need not rebuild them. Returns their
     manifest "engines" entries."""
     try:
-        previous = mf.load_manifest(out)
+        previous = mf.EngineDir.load(out)
     except (FileNotFoundError, ValueError):
         return {}
     kept: dict = {}
-    for precision, engines in previous.get("engines", {}).items():
+    for precision, engines in previous.engines.items():
         for graph, entry in engines.items():
             onnx_entry = graphs.get(precision, {}).get(graph)
             if onnx_entry and entry.get("onnx_sha256") == onnx_entry["sha256"] and (out / entry["file"]).is_file():

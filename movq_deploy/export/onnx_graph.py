@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import torch
 
+from movq_deploy import contract
 from movq_deploy.export.specs import EXAMPLE_BATCH, ExportError, GraphSpec, one_line
 
 OPSETS = (17, 18)
@@ -34,7 +35,7 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, exporter: str, log=pri
             if exporter == "dynamo":
                 raise ExportError(f"{spec.name}: the dynamo exporter failed: {one_line(error)}") from error
             log(f"{spec.name}: the dynamo exporter failed ({one_line(error)}); using the TorchScript exporter")
-    dynamic_axes = {name: {0: "batch"} for name in spec.input_names + spec.output_names if name not in spec.unbatched}
+    dynamic_axes = {name: {0: contract.BATCH} for name in spec.input_names + spec.output_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
         torch.onnx.export(
@@ -45,8 +46,8 @@ def export_graph(spec: GraphSpec, path: Path, opset: int, exporter: str, log=pri
 
 
 def _export_dynamo(spec: GraphSpec, args: tuple, path: Path, opset: int) -> None:
-    batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple(None if name in spec.unbatched else {0: batch} for name in spec.input_names)
+    batch = torch.export.Dim(contract.BATCH)
+    dynamic_shapes = tuple({0: batch} for _ in spec.input_names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4 per export
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -97,14 +98,13 @@ def finalize_graph(spec: GraphSpec, path: Path, opset: int, shapes: "dict[str, t
         raise ExportError(f"{spec.name}: graph I/O {list(io)} differs from {spec.input_names + spec.output_names}")
     for name, value in io.items():
         dims = value.type.tensor_type.shape.dim
-        batched = name not in spec.unbatched
-        if batched and dims[0].dim_value:  # a static batch: the export specialized it
+        if dims[0].dim_value:  # a static batch: the export specialized it
             raise ExportError(f"{spec.name}: {name} has a static batch dimension {dims[0].dim_value}")
         if len(dims) != len(shapes[name]):
             raise ExportError(f"{spec.name}: {name} has rank {len(dims)}, PyTorch gives {len(shapes[name])}")
         for axis, (dim, size) in enumerate(zip(dims, shapes[name])):
-            if batched and axis == 0:
-                dim.dim_param = "batch"
+            if axis == 0:
+                dim.dim_param = contract.BATCH
             elif dim.dim_value not in (0, size):
                 raise ExportError(f"{spec.name}: {name} axis {axis} is {dim.dim_value}, PyTorch gives {size}")
             else:  # TorchScript leaves derived output axes symbolic ("Castindices_dim_1"): they are static

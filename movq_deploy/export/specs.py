@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from movq_deploy import contract
 from movq_deploy.export.ties import encoder_ties, prior_ties
 from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
 
@@ -26,13 +27,12 @@ def one_line(error: BaseException) -> str:
 
 @dataclass
 class GraphSpec:
-    """One graph to export: a module whose positional arguments are exactly the ONNX inputs."""
+    """One graph to export: a module whose positional arguments are exactly the ONNX inputs (every one batched)."""
 
     name: str
     module: nn.Module
     input_names: list[str]
     output_names: list[str]
-    unbatched: tuple[str, ...]  # inputs without the batch axis (the step's scalars)
     make_inputs: Callable[[int, np.random.Generator], "dict[str, np.ndarray]"]  # (batch, rng) -> feeds
     count_ties: "Callable | None" = None  # (feeds, ref, cand, off) -> mismatches that are exact-tie flips
 
@@ -81,24 +81,20 @@ def graph_specs(movq, prior) -> "dict[str, GraphSpec]":
         tokens = rng.integers(0, num_codes, (batch, n), dtype=np.int32)
         tokens[rng.random((batch, n)) < 0.5] = pconfig.mask_id
         tokens[0] = pconfig.mask_id  # the first step of sampling: everything masked
-        feeds = {"tokens": tokens}
-        if pconfig.conditional:  # the null class (num_classes) included
-            feeds["class_labels"] = rng.integers(0, pconfig.num_classes + 1, batch, dtype=np.int32)
-        feeds["uniform"] = rng.random((batch, n), dtype=np.float32)
-        feeds["gumbel"] = rng.gumbel(size=(batch, n)).astype(np.float32)
-        feeds["temperature"] = np.array([1.0], dtype=np.float32)
-        feeds["choice_scale"] = np.array([2.0], dtype=np.float32)
-        return feeds
+        # The null class (num_classes) included.
+        labels = rng.integers(0, pconfig.num_classes + 1, batch, dtype=np.int32) if pconfig.conditional else None
+        uniform, gumbel = rng.random((batch, n), dtype=np.float32), rng.gumbel(size=(batch, n))
+        return contract.prior_step_feeds(tokens, labels, uniform, gumbel, temperature=1.0, choice_scale=2.0)
 
     prior_module = _PriorStep(step) if pconfig.conditional else _UnconditionalPriorStep(step)
-    encoder, decoder = EncoderGraph(movq).eval(), DecoderGraph(movq).eval()
-    return {
-        "encoder": GraphSpec("encoder", encoder, list(encoder.input_names), list(encoder.output_names), (), images,
-                             encoder_ties(movq)),
-        "decoder": GraphSpec("decoder", decoder, list(decoder.input_names), list(decoder.output_names), (), indices),
-        "prior": GraphSpec("prior", prior_module, step.input_names, list(step.output_names),
-                           ("temperature", "choice_scale"), prior_inputs, prior_ties(step)),
-    }
+    modules = {"encoder": EncoderGraph(movq).eval(), "decoder": DecoderGraph(movq).eval(), "prior": prior_module}
+    makers = {"encoder": (images, encoder_ties(movq)), "decoder": (indices, None),
+              "prior": (prior_inputs, prior_ties(step))}
+    specs = {}
+    for name, module in modules.items():
+        io = contract.graph_io(name, size, grid, pconfig.conditional)
+        specs[name] = GraphSpec(name, module, io.input_names, io.output_names, *makers[name])
+    return specs
 
 
 def run_torch(spec: GraphSpec, feeds: dict) -> "list[np.ndarray]":

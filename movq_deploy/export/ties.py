@@ -36,7 +36,8 @@ def prior_ties(step: PriorStepGraph):
     def count(feeds, ref, cand, off) -> int:
         labels = torch.from_numpy(feeds["class_labels"]) if "class_labels" in feeds else None
         with torch.no_grad():
-            logits = step.prior(torch.from_numpy(feeds["tokens"]), labels).double() / float(feeds["temperature"][0])
+            temperature = torch.from_numpy(feeds["temperature"]).double()[:, None, None]  # per image
+            logits = step.prior(torch.from_numpy(feeds["tokens"]), labels).double() / temperature
         cdf = logits.softmax(-1).cumsum(-1).numpy()  # (B, N, K)
         threshold = feeds["uniform"].astype(np.float64) * cdf[..., -1]  # (B, N)
         ties = 0

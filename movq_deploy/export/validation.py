@@ -105,7 +105,7 @@ def compare_graphs(spec: GraphSpec, reference_path: Path, path: Path) -> dict:
         ref_out = reference.run(spec.output_names, feeds)
         rows.append(compare(spec.name, ref_out, candidate.run(spec.output_names, feeds), feeds))
         if spec.name == "prior":  # the most likely token: a temperature this low makes the draw an argmax
-            cold = {**feeds, "temperature": np.array([1e-4], dtype=np.float32)}
+            cold = {**feeds, "temperature": np.full(batch, 1e-4, dtype=np.float32)}
             ref_top, top = reference.run(["sampled"], cold)[0], candidate.run(["sampled"], cold)[0]
             masked = feeds["tokens"] == spec.module.step.prior.config.mask_id
             rows[-1]["top_token_agreement"] = float((ref_top[masked] == top[masked]).mean())

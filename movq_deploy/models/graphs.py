@@ -4,6 +4,8 @@
 - DecoderGraph: indices int32 [B,h,w,c] -> image uint8 [B,H,W,3]
 - PriorStepGraph: one MaskGIT step; the logits [B,N,K] stay inside, only O(B*N) tensors cross the boundary.
 
+Their input and output names and types are movq_deploy.contract's.
+
 Uint8 images and int32 indices keep host<->device traffic small and make every backend agree on the exact
 conversion (scale, clamp, round) because it is part of the graph. The randomness is an input (host noise from
 movq_deploy.sampling): no Random*/Multinomial ops, which TensorRT either rejects or does not seed.
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from movq_deploy.contract import PRIOR_OUTPUTS, prior_input_names
 from movq_deploy.models.prior import MaskGITPrior
 
 # Codes per block of the two-level categorical draw (see `inverse_cdf_draw`).
@@ -25,8 +28,8 @@ def inverse_cdf_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     """The code whose cumulative probability first reaches uniform * total: int64 [B,N] from probs [B,N,K].
 
     Drawn in two levels, the block of (up to) DRAW_BLOCK codes and then the code inside it, so the graph cumulates
-    B*N*(K/S + S) values instead of B*N*K: a flat CumSum over K took about a third of the tiny prior step on ONNX
-    Runtime (benchmarks/step_tail.py). Comparisons are counted in float (exact below 2^24) so that no int64
+    B*N*(K/S + S) values instead of B*N*K (a flat CumSum over K was a large share of the tiny prior step on ONNX
+    Runtime: BENCHMARKS.md, benchmarks/step_tail.py). Comparisons are counted in float (exact below 2^24) so that no int64
     reduction reaches TensorRT.
     """
     num_codes = probs.shape[-1]
@@ -87,10 +90,11 @@ class PriorStepGraph(nn.Module):
 
     For masked slots (token == K): token = #{k : cdf[k] < uniform * cdf[K-1]} clamped to K-1 (inverse CDF of
     softmax(logits / temperature), one host uniform per slot) and confidence = log_softmax(logits / temperature)
-    [token] + choice_scale * gumbel. Known slots keep their token and get confidence +inf.
+    [token] + choice_scale * gumbel. Known slots keep their token and get confidence +inf. temperature and
+    choice_scale are per image, so one call may serve images of different requests at different steps.
     """
 
-    output_names = ["sampled", "confidence"]
+    output_names = list(PRIOR_OUTPUTS)
 
     def __init__(self, prior: MaskGITPrior):
         super().__init__()
@@ -98,18 +102,7 @@ class PriorStepGraph(nn.Module):
 
     @property
     def input_names(self) -> "list[str]":
-        labels = ["class_labels"] if self.prior.config.conditional else []
-        return ["tokens", *labels, "uniform", "gumbel", "temperature", "choice_scale"]
-
-    def example_inputs(self, batch: int = 2) -> tuple:
-        """Valid inputs for tracing/export, in forward's argument order (class_labels None when unconditional)."""
-        config = self.prior.config
-        tokens = torch.randint(0, config.codebook_size, (batch, config.num_slots), dtype=torch.int32)
-        tokens[torch.rand(batch, config.num_slots) < 0.5] = config.mask_id  # half the slots to sample
-        labels = torch.zeros(batch, dtype=torch.int32) if config.conditional else None
-        uniform = torch.rand(batch, config.num_slots)
-        gumbel = -torch.log(-torch.log(torch.rand(batch, config.num_slots).clamp_min(1e-20)))
-        return tokens, labels, uniform, gumbel, torch.tensor([1.0]), torch.tensor([2.0])
+        return prior_input_names(self.prior.config.conditional)
 
     def forward(
         self,
@@ -117,16 +110,16 @@ class PriorStepGraph(nn.Module):
         class_labels: Optional[torch.Tensor],  # int32 [B] for conditional priors, else None
         uniform: torch.Tensor,  # f32 [B, N] in [0, 1)
         gumbel: torch.Tensor,  # f32 [B, N]
-        temperature: torch.Tensor,  # f32 [1]
-        choice_scale: torch.Tensor,  # f32 [1]
+        temperature: torch.Tensor,  # f32 [B]
+        choice_scale: torch.Tensor,  # f32 [B]
     ) -> "tuple[torch.Tensor, torch.Tensor]":
         num_codes = self.prior.config.codebook_size
         # The softmax statistics in fp32 even when the rest of the graph is converted to fp16.
-        logits = self.prior(tokens, class_labels).float() / temperature  # (B, N, K)
+        logits = self.prior(tokens, class_labels).float() / temperature[:, None, None]  # (B, N, K)
         log_probs = logits.log_softmax(dim=-1)  # (B, N, K)
         drawn = inverse_cdf_draw(log_probs.exp(), uniform)  # (B, N)
         log_prob = log_probs.gather(-1, drawn[..., None])[..., 0]  # (B, N)
-        confidence = log_prob + choice_scale * gumbel
+        confidence = log_prob + choice_scale[:, None] * gumbel
         known = tokens != num_codes
         sampled = torch.where(known, tokens, drawn.to(torch.int32))
         confidence = torch.where(known, torch.full_like(confidence, float("inf")), confidence)

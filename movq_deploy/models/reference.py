@@ -1,19 +1,51 @@
 """The PyTorch reference sampler: the ground truth every exported backend must reproduce.
 
 It runs the very modules that are exported (movq_deploy.models.graphs) under torch.no_grad and plugs them into the
-numpy decoding loop of movq_deploy.sampling, so it consumes exactly the host noise the runtime consumes.
+numpy decoding loop of movq_deploy.sampling through the same feeds and adapter as the runtime
+(movq_deploy.contract), so it consumes exactly the host noise the runtime consumes.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from movq_deploy import sampling
+from movq_deploy import contract, sampling
 from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior
+from movq_deploy.sampling import DEFAULTS
+
+
+class TorchRunner:
+    """A graph module behind a runner's `run(feeds) -> {name: array}`: numpy in, numpy out, inference mode.
+
+    `argument_names` are the module's forward arguments in order; one missing from the feeds is passed as None
+    (class_labels of an unconditional prior). fp16 autocast on CUDA when asked (the benchmarks' fp16 peers).
+    """
+
+    def __init__(self, module: torch.nn.Module, argument_names: Sequence[str], output_names: Sequence[str],
+                 device="cpu", autocast_fp16: bool = False):
+        self.module = module
+        self.argument_names = list(argument_names)
+        self.output_names = list(output_names)
+        self.device = torch.device(device)
+        self.autocast_fp16 = autocast_fp16
+
+    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        args = [None if feeds.get(name) is None else torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
+                for name in self.argument_names]
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast_fp16):
+            outputs = self.module(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs)}
+
+
+def prior_step_runner(step: torch.nn.Module, device="cpu", autocast_fp16: bool = False) -> TorchRunner:
+    """PriorStepGraph (or its torch.compile'd module) behind `run(feeds)`, fed by movq_deploy.contract's names."""
+    return TorchRunner(step, contract.prior_input_names(conditional=True), contract.PRIOR_OUTPUTS, device,
+                       autocast_fp16)
 
 
 class ReferenceSampler:
@@ -29,6 +61,8 @@ class ReferenceSampler:
         self.decoder = DecoderGraph(self.movq).eval()
         self.prior_step = PriorStepGraph(self.prior).eval() if prior is not None else None
         self.device = next(movq.parameters()).device
+        self._step_fn = (contract.runner_step_fn(prior_step_runner(self.prior_step, self.device))
+                         if prior is not None else None)
 
     @property
     def grid(self) -> "tuple[int, int, int]":
@@ -43,20 +77,11 @@ class ReferenceSampler:
         return self.prior.config.num_classes if self.prior is not None else 0
 
     # ---- graphs, numpy in / numpy out ----------------------------------------------------------------------------
-    @torch.no_grad()
     def step_fn(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale):
         """A movq_deploy.sampling.StepFn running PriorStepGraph in torch."""
-        if self.prior_step is None:
+        if self._step_fn is None:
             raise ValueError("this ReferenceSampler has no prior; it can only encode and decode")
-
-        def tensor(array, dtype):
-            return torch.as_tensor(np.asarray(array, dtype=dtype), device=self.device)
-
-        labels = None if class_labels is None else tensor(class_labels, np.int32)
-        sampled, confidence = self.prior_step(
-            tensor(tokens, np.int32), labels, tensor(uniform, np.float32), tensor(gumbel, np.float32),
-            tensor([temperature], np.float32), tensor([choice_scale], np.float32))
-        return sampled.cpu().numpy(), confidence.cpu().numpy()
+        return self._step_fn(tokens, class_labels, uniform, gumbel, temperature, choice_scale)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -79,30 +104,33 @@ class ReferenceSampler:
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
     # ---- sampling and editing ------------------------------------------------------------------------------------
-    def sample_tokens(self, n: int, steps: int = 8, seed: int = 0, class_labels=None, temperature: float = 1.0,
-                      choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+    def sample_tokens(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
+                      temperature: float = DEFAULTS.temperature,
+                      choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
         """int32 [n, N]: n token grids sampled from scratch; image i uses noise stream (seed, i)."""
         h, w, c = self.grid
         labels = sampling.resolve_class_labels(class_labels, n, self.num_classes)
         return sampling.sample_tokens(self.step_fn, n, h * w * c, self.mask_id, steps, seed, labels, temperature,
                                       choice_temperature, batch_size)
 
-    def sample(self, n: int, steps: int = 8, seed: int = 0, class_labels=None, temperature: float = 1.0,
-               choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+    def sample(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
+               temperature: float = DEFAULTS.temperature, choice_temperature: float = DEFAULTS.choice_temperature,
+               batch_size: int = 64) -> np.ndarray:
         """uint8 [n, H, W, 3]."""
         tokens = self.sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, batch_size)
         return self.decode(tokens, batch_size)
 
-    def edit_tokens(self, tokens: np.ndarray, slot_mask: np.ndarray, steps: int = 8, seed: int = 0,
-                    class_labels=None, temperature: float = 1.0, choice_temperature: float = 4.5,
-                    batch_size: int = 64) -> np.ndarray:
+    def edit_tokens(self, tokens: np.ndarray, slot_mask: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
+                    class_labels=None, temperature: float = DEFAULTS.temperature,
+                    choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
         """Regenerates the masked slots of tokens int [B,N] (slot_mask bool [B,N]); int32 [B,N]."""
         labels = sampling.resolve_class_labels(class_labels, len(tokens), self.num_classes)
         return sampling.edit_tokens(self.step_fn, tokens, slot_mask, self.mask_id, steps, seed, labels, temperature,
                                     choice_temperature, batch_size)
 
-    def edit(self, images: np.ndarray, masks: np.ndarray, steps: int = 8, seed: int = 0, class_labels=None,
-             temperature: float = 1.0, choice_temperature: float = 4.5, batch_size: int = 64) -> np.ndarray:
+    def edit(self, images: np.ndarray, masks: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
+             class_labels=None, temperature: float = DEFAULTS.temperature,
+             choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
         """Inpaints uint8 images [B,H,W,3] where the bool pixel masks [B,H,W] are True; uint8 [B,H,W,3].
 
         Every latent position whose cell holds a masked pixel is regenerated (all c slots); the others keep the

@@ -28,7 +28,7 @@ from PIL import Image
 
 from movq_deploy import sampling
 from movq_deploy.files import atomic_write_text
-from movq_deploy.manifest import load_manifest
+from movq_deploy.manifest import EngineDir
 
 logger = logging.getLogger("movq_deploy")
 PARAMS_NAME = "generation.json"
@@ -107,12 +107,13 @@ def write_shard(generator, config: BulkConfig, shard: int) -> int:
     partial = out / f".shard-{shard:05d}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    step_fn, steps = prior_step_fn(generator), generator._steps(config.steps)
+    step_fn, steps = prior_step_fn(generator), generator.sampling_options(1, config.steps, 0).steps
     for first in range(start, stop, generator.batch_size):  # one prior batch at a time: memory stays bounded
         count = min(generator.batch_size, stop - first)
         labels = None
         if config.class_labels is not None:
-            labels = generator._class_labels([config.image_label(i) for i in range(first, first + count)], count)
+            labels = sampling.class_ids([config.image_label(i) for i in range(first, first + count)], count,
+                                        generator.num_classes, generator.class_names)
         tokens = sampling.sample_tokens(step_fn, count, generator.num_slots, generator.mask_id, steps, config.seed,
                                         labels, config.temperature, config.choice_temperature,
                                         max_batch=generator.batch_size, first_index=first)
@@ -155,8 +156,8 @@ def generate(config: BulkConfig, workers: Optional[int] = None, cpus_per_worker:
 def _check_labels(config: BulkConfig) -> None:
     if config.class_labels is None:
         return
-    manifest = load_manifest(config.engine_dir)
-    num_classes, names = int(manifest.get("num_classes", 0)), list(manifest.get("class_names") or [])
+    engine_dir = EngineDir.load(config.engine_dir)
+    num_classes, names = engine_dir.num_classes, engine_dir.class_names
     for label in config.class_labels:
         if num_classes == 0:
             raise ValueError("class labels were given, but the prior is unconditional")

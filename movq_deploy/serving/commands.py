@@ -80,9 +80,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _check_engine_dir(engine_dir: str) -> None:
-    from movq_deploy.manifest import load_manifest
+    from movq_deploy.manifest import EngineDir
 
-    load_manifest(engine_dir)  # a one-line error here, before Ray starts
+    EngineDir.load(engine_dir)  # a one-line error here, before Ray starts
 
 
 class _progress_bar:

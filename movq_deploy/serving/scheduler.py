@@ -27,7 +27,7 @@ from typing import Deque, Dict, List, Optional
 import numpy as np
 
 from movq_deploy import sampling
-from movq_deploy.generator import Generator, _check_seed, _check_temperatures
+from movq_deploy.generator import Generator
 from movq_deploy.images import paste_outside_mask, to_bool_masks, to_uint8_images
 from movq_deploy.serving.steps import prior_step_fn
 
@@ -149,10 +149,10 @@ class Scheduler:
 
     def _submit(self, kind, n, steps, seed, class_labels, temperature, choice_temperature, slot_mask,
                 **edit) -> Job:
-        temperature, choice_temperature = _check_temperatures(temperature, choice_temperature)
-        seed = _check_seed(seed)  # None: a fresh seed, returned in the Job
-        request = _Request(Job(kind, n, seed), self.generator._steps(steps), self.generator._class_labels(
-            class_labels, n), temperature, choice_temperature, slot_mask, remaining=n, **edit)
+        # seed None: a fresh seed, returned in the Job
+        options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
+        request = _Request(Job(kind, n, options.seed), options.steps, options.class_labels, options.temperature,
+                           options.choice_temperature, slot_mask, remaining=n, **edit)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")

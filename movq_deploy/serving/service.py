@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from movq_deploy.generator import Generator, _check_seed, _check_temperatures
+from movq_deploy.generator import Generator
+from movq_deploy.sampling import check_seed
 from movq_deploy.serving.scheduler import Overloaded, Scheduler, SchedulerConfig
 from movq_deploy.serving.steps import SampleArgs, sample_batch
 
@@ -79,7 +80,7 @@ class ImageService:
     def info(self) -> dict:
         generator = self.generator
         info = {
-            "model": generator.manifest.get("model", {}),  # the tokenizer and prior configs
+            "model": generator.engine_dir.model,  # the tokenizer and prior configs
             "image_size": generator.image_size,
             "grid": dict(zip("hwc", generator.grid)),
             "codebook_size": generator.codebook_size,
@@ -123,7 +124,7 @@ class ImageService:
         if self.scheduler is not None:
             job = self.scheduler.submit_edit(images, masks, seed=seed, **kwargs)
             return await self._bounded(job.wait()), job.seed
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         with self._holding(self.check_count(len(images))):
             async with self._lock:
                 call = asyncio.to_thread(self.generator.edit, images, masks, seed=seed, output_type="np", **kwargs)
@@ -138,9 +139,9 @@ class ImageService:
 
     def _sample_args(self, n, seed, class_labels, steps, temperature, choice_temperature) -> SampleArgs:
         n = self.check_count(n)
-        temperature, choice_temperature = _check_temperatures(temperature, choice_temperature)
-        return SampleArgs(n, self.generator._steps(steps), _check_seed(seed),
-                          self.generator._class_labels(class_labels, n), temperature, choice_temperature)
+        options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
+        return SampleArgs(n, options.steps, options.seed, options.class_labels, options.temperature,
+                          options.choice_temperature)
 
     def check_count(self, n) -> int:
         """n as an int in [1, max_request_images], or ValueError."""

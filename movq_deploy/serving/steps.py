@@ -12,29 +12,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from movq_deploy import sampling
+from movq_deploy import contract, sampling
 from movq_deploy.generator import Generator
 
 
 def prior_step_fn(generator: Generator) -> sampling.StepFn:
     """A StepFn that runs one call of the generator's prior-step graph (any batch size)."""
-    runner = generator.backend.runners["prior"]
-    takes_labels = any(spec.name == "class_labels" for spec in runner.inputs)
-
-    def step(tokens, class_labels, uniform, gumbel, temperature, choice_scale):
-        feeds = {
-            "tokens": np.ascontiguousarray(tokens, dtype=np.int32),  # (B, N)
-            "uniform": np.ascontiguousarray(uniform, dtype=np.float32),  # (B, N)
-            "gumbel": np.ascontiguousarray(gumbel, dtype=np.float32),  # (B, N)
-            "temperature": np.array([temperature], dtype=np.float32),
-            "choice_scale": np.array([choice_scale], dtype=np.float32),
-        }
-        if takes_labels:
-            feeds["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.int32)  # (B,)
-        out = runner.run(feeds)
-        return out["sampled"], out["confidence"]
-
-    return step
+    return contract.runner_step_fn(generator.backend.runners["prior"])
 
 
 @dataclass(frozen=True)

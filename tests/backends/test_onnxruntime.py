@@ -11,9 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from movq_deploy.backends import TensorSpec, graph_entries, open_runners
+from movq_deploy import contract
+from movq_deploy.backends import TensorSpec, open_runners
 from movq_deploy.backends import onnxruntime as ort_backend
-from movq_deploy.manifest import load_manifest
+from movq_deploy.manifest import EngineDir
 
 
 def _tensorrt_importable() -> bool:
@@ -26,25 +27,20 @@ def _tensorrt_importable() -> bool:
 
 @pytest.fixture(scope="module")
 def cpu_backend(tiny_engines):
-    return open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="onnxruntime-cpu")
+    return open_runners(EngineDir.load(tiny_engines.engine_dir), backend="onnxruntime-cpu")
 
 
-def _prior_feeds(manifest, batch, seed=0):
+def _prior_feeds(engine_dir: EngineDir, batch, seed=0, temperature=1.0, choice_scale=2.0):
     rng = np.random.default_rng(seed)
-    slots = manifest["grid"]["h"] * manifest["grid"]["w"] * manifest["grid"]["c"]
-    return {
-        "tokens": rng.integers(0, manifest["mask_id"] + 1, (batch, slots)).astype(np.int32),
-        "class_labels": rng.integers(0, manifest["num_classes"] + 1, batch).astype(np.int32),
-        "uniform": rng.random((batch, slots), dtype=np.float32),
-        "gumbel": rng.gumbel(size=(batch, slots)).astype(np.float32),
-        "temperature": np.array([1.0], np.float32),
-        "choice_scale": np.array([2.0], np.float32),
-    }
+    slots = engine_dir.grid.num_slots
+    return contract.prior_step_feeds(
+        rng.integers(0, engine_dir.mask_id + 1, (batch, slots)), rng.integers(0, engine_dir.num_classes + 1, batch),
+        rng.random((batch, slots), dtype=np.float32), rng.gumbel(size=(batch, slots)), temperature, choice_scale)
 
 
 def test_runner_specs_name_the_graph_io(cpu_backend, tiny_engines):
-    manifest = load_manifest(tiny_engines.engine_dir)
-    size, (h, w, c) = manifest["image_size"], (manifest["grid"][k] for k in "hwc")
+    manifest = EngineDir.load(tiny_engines.engine_dir)
+    size, (h, w, c) = manifest.image_size, manifest.grid.shape
     encoder, decoder, prior = (cpu_backend.runners[name] for name in ("encoder", "decoder", "prior"))
     assert encoder.inputs == [TensorSpec("image", "uint8", ("batch", size, size, 3))]
     assert encoder.outputs == [TensorSpec("indices", "int32", ("batch", h, w, c))]
@@ -57,17 +53,32 @@ def test_runner_specs_name_the_graph_io(cpu_backend, tiny_engines):
 
 
 def test_prior_runner_keeps_known_tokens(cpu_backend, tiny_engines):
-    manifest = load_manifest(tiny_engines.engine_dir)
+    manifest = EngineDir.load(tiny_engines.engine_dir)
     feeds = _prior_feeds(manifest, 3)
     out = cpu_backend.runners["prior"].run(feeds)
-    known = feeds["tokens"] != manifest["mask_id"]
+    known = feeds["tokens"] != manifest.mask_id
     assert out["sampled"].dtype == np.int32 and out["sampled"].shape == feeds["tokens"].shape
     assert np.array_equal(out["sampled"][known], feeds["tokens"][known])
     assert np.isposinf(out["confidence"][known]).all() and np.isfinite(out["confidence"][~known]).all()
 
 
+def test_per_image_temperature_and_choice_scale_equal_one_value_per_call(cpu_backend, tiny_engines):
+    """Images of different requests share a prior call: row i with its own temperature and choice scale is, bit
+    for bit, row i of a call where every image has them."""
+    engine_dir = EngineDir.load(tiny_engines.engine_dir)
+    prior = cpu_backend.runners["prior"]
+    temperatures, scales = np.array([1.0, 0.5, 2.0, 0.9]), np.array([3.9375, 0.0, 1.25, 2.0])
+    mixed = prior.run(_prior_feeds(engine_dir, 4, seed=5, temperature=temperatures, choice_scale=scales))
+    for i in range(4):
+        same = prior.run(_prior_feeds(engine_dir, 4, seed=5, temperature=temperatures[i], choice_scale=scales[i]))
+        np.testing.assert_array_equal(mixed["sampled"][i], same["sampled"][i])
+        np.testing.assert_array_equal(mixed["confidence"][i], same["confidence"][i])
+    cold = prior.run(_prior_feeds(engine_dir, 4, seed=5, temperature=1e-4, choice_scale=scales))
+    assert not np.array_equal(cold["sampled"], mixed["sampled"])  # the temperature reaches the draw
+
+
 def test_concurrent_runs_on_one_session_agree(cpu_backend, tiny_engines):
-    manifest = load_manifest(tiny_engines.engine_dir)
+    manifest = EngineDir.load(tiny_engines.engine_dir)
     feeds = [_prior_feeds(manifest, 4, seed) for seed in range(8)]
     prior = cpu_backend.runners["prior"]
     serial = [prior.run(f)["sampled"] for f in feeds]
@@ -92,14 +103,14 @@ def test_cpu_session_settings(cpu_backend):
 
 
 def test_precision_picks_the_graphs(tiny_engines):
-    manifest = load_manifest(tiny_engines.engine_dir)
-    fp32 = graph_entries(manifest, "fp32")
-    int8 = graph_entries(manifest, "int8")
+    manifest = EngineDir.load(tiny_engines.engine_dir)
+    fp32 = manifest.graph_entries("fp32")
+    int8 = manifest.graph_entries("int8")
     assert [fp32[name]["file"] for name in ("encoder", "decoder", "prior")] == [
         "encoder.onnx", "decoder.onnx", "prior.onnx"]
     assert int8["prior"]["file"] == "prior.int8.onnx" and int8["decoder"] == fp32["decoder"]
     with pytest.raises(FileNotFoundError, match="no fp16 encoder graph"):
-        graph_entries(manifest, "fp16")
+        manifest.graph_entries("fp16")
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -108,16 +119,16 @@ def test_precision_picks_the_graphs(tiny_engines):
 ])
 def test_bad_backend_arguments(tiny_engines, kwargs, error, words):
     with pytest.raises(error, match=words):
-        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), **kwargs)
+        open_runners(EngineDir.load(tiny_engines.engine_dir), **kwargs)
 
 
 def _fake_tensorrt(monkeypatch, usable, reason):
-    """Stands in for movq_deploy.backends.tensorrt (H-trt's module), to test the choice without a GPU."""
+    """Stands in for movq_deploy.backends.tensorrt , to test the choice without a GPU."""
     opened = {}
     fake = types.ModuleType("movq_deploy.backends.tensorrt")
-    fake.tensorrt_usable = lambda manifest, precision="auto": (usable, reason)
-    fake.resolve_precision = lambda manifest, precision="auto": "fp16" if precision == "auto" else precision
-    fake.open_tensorrt_runners = lambda engine_dir, manifest, precision: opened.setdefault(
+    fake.tensorrt_usable = lambda engine_dir, precision="auto": (usable, reason)
+    fake.resolve_precision = lambda engine_dir, precision="auto": "fp16" if precision == "auto" else precision
+    fake.open_tensorrt_runners = lambda engine_dir, precision: opened.setdefault(
         precision, {"encoder": "E", "decoder": "D", "prior": "P"})
     monkeypatch.setitem(sys.modules, "movq_deploy.backends.tensorrt", fake)
     return opened
@@ -126,7 +137,7 @@ def _fake_tensorrt(monkeypatch, usable, reason):
 def test_auto_prefers_usable_tensorrt_engines_in_fp16(tiny_engines, monkeypatch, caplog):
     opened = _fake_tensorrt(monkeypatch, True, "fp16 engines built for this GPU")
     with caplog.at_level("INFO", logger="movq_deploy"):
-        backend = open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir))
+        backend = open_runners(EngineDir.load(tiny_engines.engine_dir))
     assert (backend.name, backend.precision, list(opened)) == ("tensorrt", "fp16", ["fp16"])
     assert "fp16 engines built for this GPU" in backend.reason
     assert [r.getMessage() for r in caplog.records if r.name == "movq_deploy"] == [
@@ -136,7 +147,7 @@ def test_auto_prefers_usable_tensorrt_engines_in_fp16(tiny_engines, monkeypatch,
 @pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
 def test_auto_falls_back_to_onnxruntime_and_says_why(tiny_engines, monkeypatch):
     opened = _fake_tensorrt(monkeypatch, False, "the manifest has no TensorRT engines")
-    backend = open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), precision="int8")
+    backend = open_runners(EngineDir.load(tiny_engines.engine_dir), precision="int8")
     assert (backend.name, backend.precision, opened) == ("onnxruntime-cpu", "int8", {})
     assert "the manifest has no TensorRT engines" in backend.reason and "CUDAExecutionProvider" in backend.reason
     assert backend.runners["prior"].path.name == "prior.int8.onnx"
@@ -145,30 +156,30 @@ def test_auto_falls_back_to_onnxruntime_and_says_why(tiny_engines, monkeypatch):
 @pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
 def test_onnxruntime_cuda_refused_without_the_cuda_provider(tiny_engines):
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
-        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="onnxruntime-cuda")
+        open_runners(EngineDir.load(tiny_engines.engine_dir), backend="onnxruntime-cuda")
 
 
 @pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed here")
 def test_tensorrt_refused_without_tensorrt(tiny_engines):
     with pytest.raises(RuntimeError, match="not usable here"):
-        open_runners(tiny_engines.engine_dir, load_manifest(tiny_engines.engine_dir), backend="tensorrt")
+        open_runners(EngineDir.load(tiny_engines.engine_dir), backend="tensorrt")
 
 
 def test_files_are_verified_before_loading(tiny_engines, tmp_path):
     engine_dir = tmp_path / "engines"
     shutil.copytree(tiny_engines.engine_dir, engine_dir)
-    manifest = load_manifest(engine_dir)
+    manifest = EngineDir.load(engine_dir)
     data = bytearray((engine_dir / "prior.onnx").read_bytes())
     data[-1] ^= 1  # one flipped bit: still loadable by ONNX Runtime, but not the exported graph
     (engine_dir / "prior.onnx").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="prior.onnx"):
-        open_runners(engine_dir, manifest, backend="onnxruntime-cpu")
+        open_runners(manifest, backend="onnxruntime-cpu")
 
 
 @pytest.mark.skipif(not ort_backend.cuda_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
 def test_cuda_runner_matches_cpu(cpu_backend, tiny_engines):
-    manifest = load_manifest(tiny_engines.engine_dir)
-    cuda = open_runners(tiny_engines.engine_dir, manifest, backend="onnxruntime-cuda")
+    manifest = EngineDir.load(tiny_engines.engine_dir)
+    cuda = open_runners(manifest, backend="onnxruntime-cuda")
     assert cuda.name == "onnxruntime-cuda"
     feeds = _prior_feeds(manifest, 4)
     ours, theirs = cuda.runners["prior"].run(feeds), cpu_backend.runners["prior"].run(feeds)

@@ -8,7 +8,6 @@ plain execution; Generator sample parity with the ONNX Runtime backend; mismatch
 """
 import ast
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from movq_deploy.backends import tensorrt as trt_backend
+from movq_deploy.manifest import EngineDir
 
 ROOT = Path(__file__).resolve().parents[2]
 TENSORRT_SOURCES = [ROOT / "movq_deploy/backends/tensorrt.py", ROOT / "export/build_trt.py", ROOT / "movq_deploy/engine_cache.py"]
@@ -239,16 +239,16 @@ def trt_engine_dir(tiny_engines, tmp_path_factory):
     return engine_dir
 
 
-def _manifest(engine_dir):
-    return json.loads((engine_dir / "manifest.json").read_text())
+def _manifest(engine_dir) -> EngineDir:
+    return EngineDir.load(engine_dir)
 
 
-def _feeds(manifest: dict, precision: str, graph: str, batch: int, seed: int = 0) -> dict:
+def _feeds(manifest: EngineDir, precision: str, graph: str, batch: int, seed: int = 0) -> dict:
     """Valid random inputs for `graph`, from its I/O specs in the manifest."""
     rng = np.random.default_rng(seed)
-    K = manifest["codebook_size"]
+    K = manifest.codebook_size
     feeds = {}
-    for spec in manifest["graphs"][precision][graph]["inputs"]:
+    for spec in manifest.graph(precision, graph)["inputs"]:
         shape = tuple(batch if d == "batch" else d for d in spec["shape"])
         name = spec["name"]
         if name == "image":
@@ -258,7 +258,7 @@ def _feeds(manifest: dict, precision: str, graph: str, batch: int, seed: int = 0
         elif name == "tokens":
             value = np.where(rng.random(shape) < 0.6, K, rng.integers(0, K, shape))
         elif name == "class_labels":
-            value = rng.integers(0, manifest["num_classes"] + 1, shape)
+            value = rng.integers(0, manifest.num_classes + 1, shape)
         elif name == "uniform":
             value = rng.random(shape)
         elif name == "gumbel":
@@ -276,7 +276,7 @@ def _feeds(manifest: dict, precision: str, graph: str, batch: int, seed: int = 0
 def _onnxruntime(engine_dir, manifest, precision, graph, feeds):
     import onnxruntime as ort
 
-    path = engine_dir / manifest["graphs"][precision][graph]["file"]
+    path = engine_dir / manifest.graphs[precision][graph]["file"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
@@ -291,11 +291,11 @@ def test_build_records_engines_and_skips_up_to_date_ones(trt_engine_dir):
     platform = trt_backend.current_platform()
     for precision in ("fp32", "fp16"):
         for graph in ("encoder", "decoder", "prior"):
-            entry = manifest["engines"][precision][graph]
+            entry = manifest.engines[precision][graph]
             assert entry["tensorrt_version"] == platform.tensorrt_version and entry["gpu_name"] == platform.gpu_name
-            assert entry["onnx_sha256"] == manifest["graphs"][precision][graph]["sha256"]
+            assert entry["onnx_sha256"] == manifest.graphs[precision][graph]["sha256"]
             assert entry["profile"] == dict(zip(("min", "opt", "max"), PROFILE)) and entry["precision"] == precision
-    plan = trt_engine_dir / manifest["engines"]["fp16"]["prior"]["file"]
+    plan = trt_engine_dir / manifest.engines["fp16"]["prior"]["file"]
     mtime = plan.stat().st_mtime_ns
     options = BuildOptions(precision="fp16", profile=BatchProfile(*PROFILE), workspace_gb=1.0)
     assert set(build_engines(trt_engine_dir, options, log=lambda line: None).values()) == {"up to date"}
@@ -308,7 +308,7 @@ def test_build_records_engines_and_skips_up_to_date_ones(trt_engine_dir):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engines_match_onnxruntime(trt_engine_dir, precision):
     manifest = _manifest(trt_engine_dir)
-    runners = trt_backend.open_tensorrt_runners(trt_engine_dir, manifest, precision)
+    runners = trt_backend.open_tensorrt_runners(manifest, precision)
     exact = precision == "fp32"  # TF32 off: only summation order differs
     for graph, runner in runners.items():
         assert runner.max_batch == PROFILE[2]
@@ -323,7 +323,7 @@ def test_engines_match_onnxruntime(trt_engine_dir, precision):
         else:
             same = got["sampled"] == want["sampled"]
             assert same.mean() >= (0.99 if exact else 0.9)
-            known = feeds["tokens"] != manifest["mask_id"]
+            known = feeds["tokens"] != manifest.mask_id
             assert np.all(np.isposinf(got["confidence"][known])) and np.all(got["sampled"][known] == feeds["tokens"][known])
             both = same & ~known
             np.testing.assert_allclose(got["confidence"][both], want["confidence"][both], atol=1e-3 if exact else 5e-2)
@@ -332,7 +332,7 @@ def test_engines_match_onnxruntime(trt_engine_dir, precision):
 @needs_tensorrt
 def test_cuda_graph_replay_equals_plain_execution(trt_engine_dir):
     manifest = _manifest(trt_engine_dir)
-    entry = manifest["engines"]["fp32"]["prior"]
+    entry = manifest.engines["fp32"]["prior"]
     plan = trt_engine_dir / entry["file"]
     plain = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=False)
     replay = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=True)
@@ -352,7 +352,7 @@ def test_generator_sample_parity_with_onnxruntime(trt_engine_dir):
     tensorrt = Generator(trt_engine_dir, backend="tensorrt", precision="fp32")
     onnxruntime = Generator(trt_engine_dir, backend="onnxruntime-cpu", precision="fp32")
     assert tensorrt.backend_name == "tensorrt" and Generator(trt_engine_dir).backend_name == "tensorrt"
-    num_classes = _manifest(trt_engine_dir)["num_classes"]
+    num_classes = _manifest(trt_engine_dir).num_classes
     labels = [i % num_classes for i in range(6)] if num_classes else None
     a = tensorrt.sample_tokens(n=6, steps=4, seed=0, class_labels=labels)  # 6 > max batch 4: chunked
     b = onnxruntime.sample_tokens(n=6, steps=4, seed=0, class_labels=labels)
@@ -364,20 +364,20 @@ def test_mismatched_or_altered_engines_are_refused(trt_engine_dir, tmp_path):
     copy = tmp_path / "engines"
     shutil.copytree(trt_engine_dir, copy)
     manifest = _manifest(copy)
-    manifest["engines"]["fp16"]["decoder"]["tensorrt_version"] = "9.9.9"
+    manifest.engines["fp16"]["decoder"]["tensorrt_version"] = "9.9.9"
     with pytest.raises(ValueError, match=r"built with TensorRT 9\.9\.9 but this is TensorRT"):
-        trt_backend.open_tensorrt_runners(copy, manifest, "fp16")
+        trt_backend.open_tensorrt_runners(manifest, "fp16")
     assert trt_backend.tensorrt_usable(manifest, "fp16")[0] is False
     manifest = _manifest(copy)
-    (copy / manifest["engines"]["fp32"]["prior"]["file"]).write_bytes(b"tampered")
+    (copy / manifest.engines["fp32"]["prior"]["file"]).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="does not match manifest.json"):
-        trt_backend.open_tensorrt_runners(copy, manifest, "fp32")
+        trt_backend.open_tensorrt_runners(manifest, "fp32")
 
 
 @needs_tensorrt
 def test_runner_checks_its_inputs(trt_engine_dir):
     manifest = _manifest(trt_engine_dir)
-    runner = trt_backend.open_tensorrt_runners(trt_engine_dir, manifest, "fp32")["decoder"]
+    runner = trt_backend.open_tensorrt_runners(manifest, "fp32")["decoder"]
     with pytest.raises(ValueError, match="outside the engine's profile"):
         runner.run(_feeds(manifest, "fp32", "decoder", batch=PROFILE[2] + 1))
     feeds = _feeds(manifest, "fp32", "decoder", batch=1)

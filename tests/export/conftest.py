@@ -36,8 +36,9 @@ def exported(ckpt):
     """One full export (fp32 + fp16 + int8) of the conditional tiny model; (engine_dir, manifest, log lines)."""
     lines = []
     out = ckpt.parent / "engines"
-    manifest = export_engine_dir(ckpt, out, steps=6, fp16=True, int8=True, log=lines.append)
-    return out, manifest, lines
+    engine_dir = export_engine_dir(ckpt, out, steps=6, fp16=True, int8=True, log=lines.append)
+    assert engine_dir.path == out
+    return out, engine_dir.to_dict(), lines
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from export.build_trt import BuildOptions, build_serialized_engine, main
-from movq_deploy.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_trt.py"
@@ -49,11 +48,11 @@ def _run(*args):
 
 
 @pytest.mark.skipif(PROBLEM is None, reason="TensorRT and a GPU are present: the real build tests run instead")
-def test_without_tensorrt_or_gpu_it_fails_in_one_line_and_writes_nothing(tmp_path):
+def test_without_tensorrt_or_gpu_it_fails_in_one_line_and_writes_nothing(tmp_path, make_engine_dir):
     engine_dir = tmp_path / "engines"
     engine_dir.mkdir()
     (engine_dir / "prior.fp16.onnx").write_bytes(b"not really onnx")
-    write_manifest(engine_dir, {"graphs": {"fp16": {"prior": {"file": "prior.fp16.onnx", "sha256": "0" * 64}}}})
+    make_engine_dir(engine_dir, graphs={"fp16": {"prior": {"file": "prior.fp16.onnx", "sha256": "0" * 64}}}).write()
     before = _snapshot(engine_dir)
 
     result = _run("--engine-dir", str(engine_dir), "--fp16", "--timing-cache", str(tmp_path / "timing.cache"))

@@ -1,7 +1,6 @@
 """The engine directory on disk: the atomic swap, TensorRT engines carried over."""
 from __future__ import annotations
 
-from movq_deploy import manifest as mf
 from movq_deploy.engine_cache import TIMING_CACHE_NAME
 from movq_deploy.export.directory import _replace_dir, carry_over_engines
 
@@ -17,7 +16,7 @@ def test_replacing_an_engine_dir_swaps_it_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["engines"]
 
 
-def test_reexport_keeps_only_tensorrt_engines_of_unchanged_graphs(tmp_path):
+def test_reexport_keeps_only_tensorrt_engines_of_unchanged_graphs(tmp_path, make_engine_dir):
     old, work = tmp_path / "engines", tmp_path / "work"
     old.mkdir()
     work.mkdir()
@@ -25,7 +24,7 @@ def test_reexport_keeps_only_tensorrt_engines_of_unchanged_graphs(tmp_path):
         (old / name).write_bytes(name.encode())
     engines = {"fp16": {"prior": {"file": "prior.fp16.plan", "onnx_sha256": "same"},
                         "decoder": {"file": "decoder.fp16.plan", "onnx_sha256": "old"}}}
-    mf.write_manifest(old, {"engines": engines})
+    make_engine_dir(old, engines=engines).write()
     graphs = {"fp16": {"prior": {"sha256": "same"}, "decoder": {"sha256": "new"}}}
     kept = carry_over_engines(old, work, graphs)
     assert kept == {"fp16": {"prior": engines["fp16"]["prior"]}}

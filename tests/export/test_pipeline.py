@@ -21,19 +21,19 @@ def _graph_files(manifest):
 
 def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_names):
     out, manifest, _ = exported
-    assert mf.load_manifest(out) == json.loads(json.dumps(manifest | {"format": mf.FORMAT,
-                                                                       "format_version": mf.FORMAT_VERSION}))
+    assert json.loads((out / mf.MANIFEST_NAME).read_text()) == json.loads(json.dumps(manifest))
+    assert manifest["format"] == mf.FORMAT and manifest["format_version"] == mf.FORMAT_VERSION == 2
     names = {entry["file"] for _, _, entry in _graph_files(manifest)}
     assert names == {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
                      "prior.fp16.onnx", "prior.int8.onnx"}
     assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json"})
     for _, _, entry in _graph_files(manifest):
         mf.verify_file(out, entry)
+    assert mf.EngineDir.load(out).to_dict() == manifest
     assert manifest["grid"] == {"h": 8, "w": 8, "c": 2}
     assert manifest["codebook_size"] == manifest["mask_id"] == 16 and manifest["image_size"] == 16
     assert manifest["num_classes"] == 3 and manifest["class_names"] == class_names
-    assert manifest["sampling"]["steps"] == 6 and len(manifest["sampling"]["remask_counts"]) == 6
-    assert manifest["sampling"]["remask_counts"][-1] == 0
+    assert manifest["sampling"] == {"steps": 6, "temperature": 1.0, "choice_temperature": 4.5}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
@@ -44,7 +44,7 @@ def test_graphs_are_clean_with_a_dynamic_batch_and_typed_boundaries(exported):
         "decoder": ({"indices": ("int32", ["batch", 8, 8, 2])}, {"image": ("uint8", ["batch", 16, 16, 3])}),
         "prior": ({"tokens": ("int32", ["batch", 128]), "class_labels": ("int32", ["batch"]),
                    "uniform": ("float32", ["batch", 128]), "gumbel": ("float32", ["batch", 128]),
-                   "temperature": ("float32", [1]), "choice_scale": ("float32", [1])},
+                   "temperature": ("float32", ["batch"]), "choice_scale": ("float32", ["batch"])},
                   {"sampled": ("int32", ["batch", 128]), "confidence": ("float32", ["batch", 128])}),
     }
     for precision, name, entry in _graph_files(manifest):
@@ -90,7 +90,7 @@ def test_exported_graphs_run_at_an_unseen_batch_size(exported):
     sampled, confidence = session["prior"].run(None, {
         "tokens": tokens, "class_labels": np.array([0, 1, 2, 3, 0], dtype=np.int32),
         "uniform": rng.random((5, 128), dtype=np.float32), "gumbel": rng.gumbel(size=(5, 128)).astype(np.float32),
-        "temperature": np.array([1.0], np.float32), "choice_scale": np.array([2.0], np.float32)})
+        "temperature": np.full(5, 1.0, np.float32), "choice_scale": np.full(5, 2.0, np.float32)})
     assert (sampled[:, 1::2] == tokens[:, 1::2]).all() and np.isinf(confidence[:, 1::2]).all()
     assert (sampled[:, ::2] < 16).all() and np.isfinite(confidence[:, ::2]).all()
 
@@ -99,11 +99,13 @@ def _snapshot(directory):
     return {p.name: mf.sha256_file(p) for p in directory.iterdir()}
 
 
-def test_a_failed_validation_leaves_the_previous_engine_dir_intact(ckpt, tmp_path, monkeypatch):
+def test_a_failed_validation_leaves_the_previous_engine_dir_intact(ckpt, tmp_path, monkeypatch, make_engine_dir):
     out = tmp_path / "engines"
     out.mkdir()
     (out / "prior.onnx").write_bytes(b"the previous export")
-    mf.write_manifest(out, {"graphs": {"fp32": {"prior": mf.file_entry(out, "prior.onnx")}}})
+    previous = make_engine_dir(out)
+    previous.graphs = {"fp32": {"prior": previous.file_entry("prior.onnx")}}
+    previous.write()
     before = _snapshot(out)
     monkeypatch.setitem(validation.TOLERANCE, "encoder_max_mismatches", -1)  # nothing can pass now
     with pytest.raises(ExportError, match=r"encoder\.onnx disagrees with PyTorch: mismatches = 0 > -1"):

@@ -26,8 +26,8 @@ def demo_export(tmp_path_factory):
     ckpt = save_checkpoint(root / "ckpt.pt", tokenizer_config=movq_config.to_dict(),
                            tokenizer=MoVQ(movq_config).state_dict(), prior_config=prior_config.to_dict(),
                            prior=MaskGITPrior(prior_config).state_dict(), class_names=["a", "b"])
-    manifest = export_engine_dir(ckpt, root / "engines", steps=4, fp16=True, int8=True, log=lambda line: None)
-    return root / "engines", manifest
+    engine_dir = export_engine_dir(ckpt, root / "engines", steps=4, fp16=True, int8=True, log=lambda line: None)
+    return engine_dir.path, engine_dir.to_dict()
 
 
 @pytest.fixture(params=["demo_export", "exported"])

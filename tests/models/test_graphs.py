@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from movq_deploy import contract
 from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph, inverse_cdf_draw
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
@@ -31,6 +32,18 @@ def step_inputs(config, batch=3, seed=0):
     return tokens, uniform, gumbel
 
 
+def example_args(config, batch, seed=0) -> tuple:
+    """Valid prior-step inputs (half the slots masked), as torch tensors in the graph's argument order."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.codebook_size, (batch, config.num_slots))
+    tokens[rng.random(tokens.shape) < 0.5] = config.mask_id
+    labels = np.zeros(batch) if config.conditional else None
+    feeds = contract.prior_step_feeds(tokens, labels, rng.random(tokens.shape), rng.gumbel(size=tokens.shape),
+                                      temperature=1.0, choice_scale=2.0)
+    return tuple(torch.from_numpy(feeds[name]) if name in feeds else None
+                 for name in contract.prior_input_names(conditional=True))
+
+
 @pytest.mark.parametrize("temperature,scale", [(1.0, 2.0), (0.5, 0.0)])
 def test_prior_step_semantics(temperature, scale):
     prior = small_prior()
@@ -39,7 +52,7 @@ def test_prior_step_semantics(temperature, scale):
     with torch.no_grad():
         sampled, confidence = PriorStepGraph(prior)(
             torch.from_numpy(tokens), None, torch.from_numpy(uniform), torch.from_numpy(gumbel),
-            torch.tensor([temperature]), torch.tensor([scale]))
+            torch.full((3,), temperature), torch.full((3,), scale))
         logits = prior(torch.from_numpy(tokens)).double().numpy() / temperature
     assert sampled.dtype == torch.int32 and confidence.dtype == torch.float32
     sampled, confidence = sampled.numpy(), confidence.numpy()
@@ -74,7 +87,7 @@ def test_prior_step_io_names_and_class_labels():
                                                           "choice_scale"]
     step = PriorStepGraph(small_prior(num_classes=2))
     assert step.input_names[1] == "class_labels" and step.output_names == ["sampled", "confidence"]
-    tokens, labels, uniform, gumbel, temperature, scale = step.example_inputs(batch=2)
+    tokens, labels, uniform, gumbel, temperature, scale = example_args(step.prior.config, batch=2)
     assert labels.dtype == torch.int32
     tokens = torch.full_like(tokens, step.prior.config.mask_id)
     with torch.no_grad():
@@ -91,15 +104,15 @@ def test_prior_step_exports_to_onnx_and_matches_in_onnxruntime(tmp_path, dynamo)
     path = tmp_path / "prior.onnx"
     if dynamo:
         batch = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = {"dynamic_shapes": ({0: batch}, {0: batch}, {0: batch}, {0: batch}, None, None)}
+        dynamic = {"dynamic_shapes": tuple({0: batch} for _ in step.input_names)}
     else:
-        dynamic = {"dynamic_axes": {name: {0: "batch"} for name in step.input_names[:4] + step.output_names}}
-    torch.onnx.export(step, step.example_inputs(batch=2), str(path), input_names=step.input_names,
+        dynamic = {"dynamic_axes": {name: {0: "batch"} for name in step.input_names + step.output_names}}
+    torch.onnx.export(step, example_args(step.prior.config, batch=2), str(path), input_names=step.input_names,
                       output_names=step.output_names, opset_version=18, dynamo=dynamo, **dynamic)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
     assert not ops & {"Multinomial", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike"}
-    inputs = step.example_inputs(batch=5)  # another batch size than the export's
+    inputs = example_args(step.prior.config, batch=5, seed=1)  # another batch size than the export's
     with torch.no_grad():
         sampled, confidence = step(*inputs)
     feeds = {name: value.numpy() for name, value in zip(step.input_names, inputs)}
@@ -138,3 +151,14 @@ def test_inverse_cdf_draw_picks_the_first_code_whose_cumulative_mass_reaches_the
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(drawn[clear], expected[clear])
     assert drawn.min() >= 0 and drawn.max() < num_codes
+
+
+def test_prior_step_takes_one_temperature_and_choice_scale_per_image():
+    step = PriorStepGraph(small_prior(num_classes=2)).eval()
+    tokens, labels, uniform, gumbel, _, _ = example_args(step.prior.config, batch=3, seed=2)
+    temperatures, scales = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([2.0, 0.0, 1.25])
+    with torch.no_grad():
+        mixed = step(tokens, labels, uniform, gumbel, temperatures, scales)
+        for i in range(3):
+            same = step(tokens, labels, uniform, gumbel, temperatures[i].expand(3), scales[i].expand(3))
+            assert torch.equal(mixed[0][i], same[0][i]) and torch.equal(mixed[1][i], same[1][i])
