@@ -1,4 +1,5 @@
-"""Shared by the training scripts: distributed set-up, resume files, metrics log, learning-rate schedule, PSNR.
+"""Shared by the training stages: distributed set-up, the step loop (learning-rate schedule, progress bar, windowed
+metric averages, when to evaluate and save), resume files, metrics log, PSNR.
 
 Distributed training: launch with torchrun (it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
 gloo on CPU, nccl on GPU. Every rank draws its own crops (indices interleaved by rank), DDP averages gradients,
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from movq_deploy.files import atomic_path, atomic_write_text
 
@@ -122,11 +125,15 @@ class MetricsLog:
 def save_resume(path: Path, stage: str, step: int, state: dict) -> None:
     """The resume file: everything besides ckpt.pt that continuing the run needs (optimizers, RNG, step)."""
     payload = {"format": RESUME_FORMAT, "stage": stage, "step": step, "torch_rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():  # dropout and the GAN's noise on a GPU draw from CUDA's generators
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_resume(path: Path, stage: str) -> dict:
+    """Reads a resume file written by save_resume and restores the random state it holds (CPU, and CUDA's where
+    both runs had the same number of GPUs)."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no resume file {path} (was the run started with this --out?)")
     try:
@@ -136,7 +143,52 @@ def load_resume(path: Path, stage: str) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT or payload.get("stage") != stage:
         raise ValueError(f"--resume: {path} is not a {stage} resume file")
     torch.set_rng_state(payload["torch_rng"])
+    cuda_rng = payload.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return payload
+
+
+class StepLoop:
+    """Steps `start` .. `total` - 1 of a training stage, with the plumbing both stages share.
+
+    Iterating sets every optimizer's learning rate (linear warm-up, then cosine decay) and advances a progress bar
+    (on rank 0, unless quiet; none when stderr is not a terminal, as tqdm's disable=None does). `add` sums a step's
+    metrics; `window` averages them over the steps since the last log line; `due` says when to log, evaluate or save.
+    """
+
+    def __init__(self, args: argparse.Namespace, start: int, optimizers: list, desc: str, show: bool):
+        self.lr_max, self.total, self.warmup = args.lr, args.steps, args.warmup
+        self.log_every, self.optimizers = args.log_every, optimizers
+        self.bar = tqdm(range(start, self.total), initial=start, total=self.total, desc=desc, dynamic_ncols=True,
+                        disable=None if show and not args.quiet else True)
+        self.lr, self.sums, self.tic = 0.0, {}, time.time()
+
+    def __iter__(self):
+        for step in self.bar:
+            self.lr = self.lr_max * warmup_cosine(step, self.total, self.warmup)
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr
+            yield step
+        self.bar.close()
+
+    def add(self, values: "dict[str, torch.Tensor]", **postfix: str) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self.bar.set_postfix(postfix)
+
+    def due(self, done: int, every: int) -> bool:
+        """Every `every` steps, and at the last step."""
+        return done % every == 0 or done == self.total
+
+    def window(self, done: int, **extra) -> dict:
+        """The log record of the window ending at step `done`: the averages, `extra`, the learning rate and speed."""
+        n = self.log_every if done % self.log_every == 0 else done % self.log_every
+        record = {"step": done, **{k: v / n for k, v in self.sums.items()}, **extra, "lr": self.lr,
+                  "steps_per_s": n / (time.time() - self.tic)}
+        self.sums, self.tic = {}, time.time()
+        return record
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,22 +20,22 @@ import argparse
 import hashlib
 import math
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import load_models, save_checkpoint
-from movq_deploy.training.data import load_data, to_tensor
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
-from movq_deploy.training.common import (MetricsLog, cleanup_distributed, load_resume, run_cli, save_resume, setup_distributed,
-                          warmup_cosine)
+from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, load_resume, run_cli, save_resume,
+                                         setup_distributed)
+from movq_deploy.training.data import ImageData, load_data, to_tensor
+
 
 STAGE = "prior"
 RESUME_FILE = "resume_prior.pt"
@@ -147,6 +147,70 @@ def masked_accuracy(prior: MaskGITPrior, tokens: torch.Tensor, labels: torch.Ten
     return correct / max(1, total)
 
 
+@dataclass
+class Stage2:
+    """The prior being trained, its optimizer, and what its checkpoint records: the tokenizer checkpoint it
+    extends, the tokenizer's digest, the data and the held-out accuracy so far."""
+
+    args: argparse.Namespace
+    config: PriorConfig
+    prior: MaskGITPrior
+    opt: torch.optim.Optimizer
+    ckpt: dict  # the tokenizer's checkpoint (weights, config, training record)
+    digest: str
+    data: ImageData
+    out: Path
+    world_size: int
+    accuracy: dict = field(default_factory=dict)
+
+    def restore(self, state: dict, path: Path) -> None:
+        if state["config"] != self.config.to_dict() or state["tokenizer"] != self.digest:
+            raise ValueError(f"--resume: {path} belongs to another prior config or tokenizer")
+        self.prior.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.accuracy = dict(state["accuracy"])
+
+    def save(self, step: int) -> None:
+        """Both stages into ckpt.pt, and the resume file beside it."""
+        args, config = self.args, self.config
+        record = dict(self.ckpt.get("record", {}))
+        record[STAGE] = {"step": step, "batch_size": args.batch_size, "world_size": self.world_size,
+                         "lr": args.lr, "num_crops": args.num_crops, "conditional": config.conditional,
+                         "masked_accuracy": dict(self.accuracy), "tokenizer_sha256": self.digest}
+        save_checkpoint(self.out, tokenizer_config=self.ckpt["tokenizer_config"], tokenizer=self.ckpt["tokenizer"],
+                        prior_config=config.to_dict(), prior=self.prior.state_dict(),
+                        class_names=self.data.class_names if config.conditional else [], record=record)
+        save_resume(self.out.parent / RESUME_FILE, STAGE, step,
+                    {"config": config.to_dict(), "tokenizer": self.digest, "model": self.prior.state_dict(),
+                     "opt": self.opt.state_dict(), "accuracy": dict(self.accuracy)})
+
+
+def training_data(args: argparse.Namespace, movq: MoVQ, ckpt: dict, main: bool) -> "tuple[ImageData, dict]":
+    """The images (by default those the tokenizer saw) and their token cache (see token_cache)."""
+    data_dir = args.data
+    tokenizer_source = ckpt.get("record", {}).get("tokenizer", {}).get("data", {}).get("source")
+    if data_dir is None and tokenizer_source not in (None, "skimage.data"):
+        data_dir = tokenizer_source  # default: the data the tokenizer saw
+    data = load_data(data_dir, movq.config.image_size)
+    run_dir = (Path(args.out) if args.out else Path(args.ckpt)).parent
+    digest = tokenizer_digest(ckpt["tokenizer"])
+    return data, token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, mask_id: int, tokens: torch.Tensor,
+               labels: torch.Tensor | None, generator: torch.Generator) -> dict:
+    """One optimizer step on the token grids [B, N]: cross-entropy on the slots MaskGIT's schedule masks."""
+    inputs, masked = mask_tokens(tokens, mask_id, generator)
+    logits = model(inputs, labels)  # (B, N, K); class dropout happens inside the model in training mode
+    loss = F.cross_entropy(logits[masked], tokens[masked])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        acc = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
+    return {"loss": loss, "masked_accuracy": acc}
+
+
 def train(args: argparse.Namespace) -> dict:
     """Runs stage 2; returns {"prior": the trained MaskGITPrior (unwrapped), "accuracy": {...}, "out": Path}."""
     if args.threads:
@@ -155,113 +219,58 @@ def train(args: argparse.Namespace) -> dict:
     device, main = dist_info.device, dist_info.is_main
     movq, _, ckpt = load_models(args.ckpt, device, with_prior=False)  # one-line errors for bad files and weights
     movq.requires_grad_(False)
-    out = Path(args.out) if args.out else Path(args.ckpt)
-    run_dir = out.parent
-
-    digest = tokenizer_digest(ckpt["tokenizer"])
-    data_dir = args.data
-    tokenizer_source = ckpt.get("record", {}).get("tokenizer", {}).get("data", {}).get("source")
-    if data_dir is None and tokenizer_source not in (None, "skimage.data"):
-        data_dir = tokenizer_source  # default: the data the tokenizer saw
-    data = load_data(data_dir, movq.config.image_size)
+    data, cache = training_data(args, movq, ckpt, main)
     num_classes = 0 if args.unconditional or data.num_classes < 2 else data.num_classes
     config = PriorConfig.preset(args.config, movq.config, num_classes=num_classes)
-
-    cache = token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main)
     train_tokens, eval_tokens = cache["train_tokens"], cache["eval_tokens"]
-    train_labels = cache["train_labels"] if config.conditional else None
-    eval_labels = cache["eval_labels"] if config.conditional else None
+    train_labels, eval_labels = (cache["train_labels"], cache["eval_labels"]) if config.conditional else (None, None)
 
     torch.manual_seed(args.seed)
     prior = MaskGITPrior(config).to(device)
-    # No weight decay on biases, norms and embeddings (as nanoGPT / MaskGIT).
-    decay = [p for n, p in prior.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in prior.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.96))
+    opt = prior.configure_optimizers(args.weight_decay, args.lr)
+    out = Path(args.out) if args.out else Path(args.ckpt)
+    stage = Stage2(args, config, prior, opt, ckpt, cache["key"]["tokenizer"], data, out, dist_info.world_size)
     start = 0
-    accuracy = {}
     if args.resume:
-        state = load_resume(run_dir / RESUME_FILE, STAGE)
-        if state["config"] != config.to_dict() or state["tokenizer"] != digest:
-            raise ValueError(f"--resume: {run_dir / RESUME_FILE} belongs to another prior config or tokenizer")
-        prior.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, accuracy = state["step"], dict(state["accuracy"])
+        state = load_resume(out.parent / RESUME_FILE, STAGE)
+        stage.restore(state, out.parent / RESUME_FILE)
+        start = state["step"]
         if main:
             print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
     else:
-        accuracy["start"] = masked_accuracy(prior, eval_tokens, eval_labels)
+        stage.accuracy["start"] = masked_accuracy(prior, eval_tokens, eval_labels)
     if main:
         print(f"prior {args.config}: {prior.num_parameters() / 1e6:.2f}M parameters, grid {config.grid}, "
               f"K={config.codebook_size}, classes {config.num_classes}; {len(train_tokens)} cached training grids; "
-              f"held-out masked-token accuracy at the start {accuracy['start']:.4f}", file=sys.stderr)
+              f"held-out masked-token accuracy at the start {stage.accuracy['start']:.4f}", file=sys.stderr)
     model = DDP(prior) if dist_info.enabled else prior
-    log = MetricsLog(run_dir / "metrics_prior.jsonl", main, start if args.resume else None)
-
-    def save(step: int) -> None:
-        if not main:
-            return
-        record = dict(ckpt.get("record", {}))
-        record[STAGE] = {"step": step, "batch_size": args.batch_size, "world_size": dist_info.world_size,
-                         "lr": args.lr, "num_crops": args.num_crops, "conditional": config.conditional,
-                         "masked_accuracy": dict(accuracy), "tokenizer_sha256": digest}
-        save_checkpoint(out, tokenizer_config=ckpt["tokenizer_config"], tokenizer=ckpt["tokenizer"],
-                        prior_config=config.to_dict(), prior=prior.state_dict(),
-                        class_names=data.class_names if config.conditional else [],
-                        record=record)
-        save_resume(run_dir / RESUME_FILE, STAGE, step, {"config": config.to_dict(), "tokenizer": digest,
-                                                         "model": prior.state_dict(), "opt": opt.state_dict(),
-                                                         "accuracy": dict(accuracy)})
-
-    sums: dict[str, float] = {}
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not main or args.quiet,
-               desc=f"prior {args.config}", dynamic_ncols=True)
-    tic = time.time()
+    log = MetricsLog(out.parent / "metrics_prior.jsonl", main, start if args.resume else None)
+    loop = StepLoop(args, start, [opt], f"prior {args.config}", show=main)
     model.train()
-    for step in bar:
-        lr = args.lr * warmup_cosine(step, args.steps, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    for step in loop:
         # Batch and masks are functions of (seed, step, rank): a resumed run sees what the straight run would.
         rng = np.random.default_rng([args.seed, step, dist_info.rank])
         pick = torch.from_numpy(rng.integers(len(train_tokens), size=args.batch_size))
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        target = train_tokens[pick].to(device)  # (B, N)
-        inputs, masked = mask_tokens(target, config.mask_id, generator)
         labels = train_labels[pick].to(device) if train_labels is not None else None
-
-        logits = model(inputs, labels)  # (B, N, K); class dropout happens inside the model in training mode
-        loss = F.cross_entropy(logits[masked], target[masked])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-        with torch.no_grad():
-            acc = (logits[masked].argmax(-1) == target[masked]).float().mean()
-        for k, v in {"loss": loss, "masked_accuracy": acc}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{float(acc):.3f}")
+        values = train_step(model, opt, config.mask_id, train_tokens[pick].to(device), labels, generator)
+        loop.add(values, loss=f"{float(values['loss'].detach()):.3f}", acc=f"{float(values['masked_accuracy']):.3f}")
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            n = args.log_every if done % args.log_every == 0 else done % args.log_every
-            log.write({"step": done, **{k: v / n for k, v in sums.items()}, "lr": lr,
-                       "steps_per_s": n / (time.time() - tic)})
-            sums, tic = {}, time.time()
-        if main and (done % args.eval_every == 0 or done == args.steps):
-            accuracy["end"] = masked_accuracy(prior, eval_tokens, eval_labels)
-            accuracy["end_step"] = done
-            log.write({"step": done, "eval_masked_accuracy": accuracy["end"]})
-        if done % args.save_every == 0 or done == args.steps:
-            save(done)
-    bar.close()
+        if loop.due(done, args.log_every):
+            log.write(loop.window(done))
+        if main and loop.due(done, args.eval_every):
+            stage.accuracy.update(end=masked_accuracy(prior, eval_tokens, eval_labels), end_step=done)
+            log.write({"step": done, "eval_masked_accuracy": stage.accuracy["end"]})
+        if main and loop.due(done, args.save_every):
+            stage.save(done)
     if main:
         if start >= args.steps:  # resumed a finished run: nothing trained, make sure the checkpoint is there
-            save(start)
-        print(f"held-out masked-token accuracy: start {accuracy['start']:.4f}, end {accuracy.get('end', 0.0):.4f} "
-              f"(chance {1 / config.codebook_size:.4f}); wrote {out}", file=sys.stderr)
+            stage.save(start)
+        print(f"held-out masked-token accuracy: start {stage.accuracy['start']:.4f}, end "
+              f"{stage.accuracy.get('end', 0.0):.4f} (chance {1 / config.codebook_size:.4f}); wrote {out}",
+              file=sys.stderr)
     cleanup_distributed()
-    return {"prior": prior, "accuracy": accuracy, "out": out}
+    return {"prior": prior, "accuracy": stage.accuracy, "out": out}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +24,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import save_checkpoint
-from movq_deploy.training.data import HeldOutCrops, load_data, to_tensor, to_uint8
 from movq_deploy.models.movq import MoVQ, MoVQConfig
-from movq_deploy.training.common import (MetricsLog, all_reduce_sum, batch_indices, cleanup_distributed, load_resume,
-                          perplexity_and_dead, psnr, run_cli, save_resume, setup_distributed, unwrap, warmup_cosine)
+from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, batch_indices, cleanup_distributed,
+                                         load_resume, perplexity_and_dead, psnr, run_cli, save_resume,
+                                         setup_distributed, unwrap)
+from movq_deploy.training.data import HeldOutCrops, ImageData, load_data, to_tensor, to_uint8
+from movq_deploy.training.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
 from movq_deploy.training.perceptual import load_perceptual
+
 
 STAGE = "tokenizer"
 RESUME_FILE = "resume_tokenizer.pt"
@@ -70,38 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / taming's NLayerDiscriminator): a grid of real/fake logits, one per receptive field."""
-
-    def __init__(self, channels: int = 64, layers: int = 2, in_channels: int = 3):
-        super().__init__()
-        seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
-        width = channels
-        for n in range(1, layers + 1):
-            out = channels * min(2 ** n, 8)
-            stride = 2 if n < layers else 1  # the last hidden layer keeps the resolution
-            seq += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
-            width = out
-        seq.append(nn.Conv2d(width, 1, 4, 1, 1))
-        self.net = nn.Sequential(*seq)
-        for m in self.modules():  # DCGAN init, as taming
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, 1, h', w')
-
-
-def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """VQGAN: balance the GAN gradient against the reconstruction gradient at the decoder's last layer."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 @torch.no_grad()
@@ -155,6 +125,137 @@ def save_grid(path: Path, originals: np.ndarray, recons: np.ndarray, columns: in
         Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
 
 
+class CodeUsage:
+    """Codebook usage while training: code counts since the last log line (perplexity, dead codes) and since the
+    last dead-code restart, which happens every `every` steps (0: never)."""
+
+    def __init__(self, size: int, device: torch.device, every: int, seed: int, window: torch.Tensor | None = None):
+        self.counts = torch.zeros(size, dtype=torch.int64, device=device)  # codes used since the last log
+        self.window = torch.zeros_like(self.counts)  # codes used since the last dead-code restart
+        if window is not None:
+            self.window += window.to(device)
+        self.every, self.seed, self.restarted = every, seed, 0
+
+    def add(self, code_counts: torch.Tensor) -> None:
+        self.counts += code_counts
+        self.window += code_counts
+
+    def maybe_restart(self, done: int, codebook: torch.Tensor, z: torch.Tensor) -> None:
+        if self.every and done % self.every == 0:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
+            self.restarted += restart_dead_codes(codebook, all_reduce_sum(self.window), z, generator)
+            self.window.zero_()
+
+    def log_fields(self) -> dict:
+        """perplexity, dead_codes (over all ranks) and restarted_codes since the last call; starts a new window."""
+        perplexity, dead = perplexity_and_dead(all_reduce_sum(self.counts.clone()).cpu())
+        fields = {"perplexity": perplexity, "dead_codes": dead, "restarted_codes": self.restarted}
+        self.restarted = 0
+        self.counts.zero_()
+        return fields
+
+
+@dataclass
+class Stage1:
+    """The tokenizer, its optional discriminator and perceptual loss, their optimizers, and one training step."""
+
+    args: argparse.Namespace
+    config: MoVQConfig
+    model: nn.Module  # the MoVQ, or its DDP wrapper
+    disc: nn.Module | None
+    opt: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    perceptual: nn.Module | None
+
+    @classmethod
+    def build(cls, args: argparse.Namespace, config: MoVQConfig, device: torch.device, main: bool) -> "Stage1":
+        use_disc = args.disc_start is not None and args.disc_weight > 0 and args.disc_start < args.steps
+        torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        model = MoVQ(config).to(device)
+        disc = PatchDiscriminator(args.disc_channels, args.disc_layers, config.in_channels).to(device) \
+            if use_disc else None
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
+        perceptual, notice = load_perceptual(args.perceptual_weights) if args.perceptual_weight > 0 else (None, "")
+        if main and notice:
+            print(notice, file=sys.stderr)
+        perceptual = perceptual.to(device) if perceptual is not None else None
+        return cls(args, config, model, disc, opt, opt_d, perceptual)
+
+    @property
+    def net(self) -> MoVQ:
+        return unwrap(self.model)
+
+    @property
+    def optimizers(self) -> list:
+        return [self.opt] + ([self.opt_d] if self.opt_d else [])
+
+    def restore(self, state: dict, path: Path) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError(f"--resume: {path} was trained with another tokenizer config")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+
+    def distribute(self) -> None:
+        self.model = DDP(self.model)
+        self.disc = DDP(self.disc) if self.disc is not None else None
+
+    def resume_state(self, window_counts: torch.Tensor) -> dict:
+        state = {"config": self.config.to_dict(), "model": self.net.state_dict(), "opt": self.opt.state_dict(),
+                 "window_counts": window_counts.cpu()}
+        if self.disc is not None:
+            state.update(disc=unwrap(self.disc).state_dict(), opt_d=self.opt_d.state_dict())
+        return state
+
+    def step(self, x: torch.Tensor, step: int) -> "tuple[dict, torch.Tensor]":
+        """One optimizer step on images x (B, 3, H, W) in [-1, 1]; -> (the step's loss terms, code counts (K,))."""
+        args, zero = self.args, torch.zeros((), device=x.device)
+        x_rec, quant_loss, info = self.model(x)
+        rec_loss = (x_rec - x).abs().mean() if args.rec_loss == "l1" else F.mse_loss(x_rec, x)
+        nll, p_loss = rec_loss, zero
+        if self.perceptual is not None:
+            p_loss = self.perceptual(x_rec, x)
+            nll = nll + args.perceptual_weight * p_loss
+        loss = nll + quant_loss
+        g_loss = d_weight = d_loss = zero
+        gan_on = self.disc is not None and step >= args.disc_start
+        if gan_on:
+            g_loss = -self.disc(x_rec).mean()
+            d_weight = adaptive_gan_weight(nll, g_loss, self.net.last_layer_weight) * args.disc_weight
+            loss = loss + d_weight * g_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if gan_on:
+            self.opt_d.zero_grad(set_to_none=True)  # also drops the grads the generator step left in the discriminator
+            d_loss = hinge_d_loss(self.disc(x), self.disc(x_rec.detach()))
+            d_loss.backward()
+            self.opt_d.step()
+        with torch.no_grad():
+            mse = (x_rec.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
+            batch_psnr = (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+        values = {"loss": loss, "rec": rec_loss, "quant": quant_loss, "perceptual": p_loss, "g_loss": g_loss,
+                  "d_weight": d_weight, "d_loss": d_loss, "psnr": batch_psnr}
+        return values, info["code_counts"]
+
+
+def save(out: Path, step: int, stage: Stage1, data: ImageData, dist_info: Dist, codes: CodeUsage,
+         evaluation: dict | None) -> None:
+    """ckpt.pt (with the training record and the latest evaluation) and the resume file."""
+    args = stage.args
+    record = {STAGE: {"step": step, "batch_size": args.batch_size, "world_size": dist_info.world_size,
+                      "lr": args.lr, "disc_start": args.disc_start if stage.disc is not None else None,
+                      "perceptual": stage.perceptual is not None, "data": data.summary()}}
+    if evaluation is not None:
+        record[STAGE]["eval"] = {k: evaluation[k] for k in ("step", "psnr", "perplexity", "dead_codes")}
+    save_checkpoint(out / "ckpt.pt", tokenizer_config=stage.config.to_dict(), tokenizer=stage.net.state_dict(),
+                    class_names=data.class_names, record=record)
+    save_resume(out / RESUME_FILE, STAGE, step, stage.resume_state(codes.window))
+
+
 def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
     """Runs stage 1; returns {"model": the trained MoVQ (unwrapped), "eval": held-out metrics, "out": Path}."""
     if args.threads:
@@ -165,146 +266,52 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
     data = load_data(args.data, config.image_size)
     train_set, eval_set = data.train_set(seed=args.seed), data.eval_set()
     out = Path(args.out)
-    disc_start = args.disc_start
-    use_disc = disc_start is not None and args.disc_weight > 0 and disc_start < args.steps
-
-    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = MoVQ(config).to(device)
-    disc = PatchDiscriminator(args.disc_channels, args.disc_layers, config.in_channels).to(device) if use_disc else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
-    perceptual, notice = load_perceptual(args.perceptual_weights) if args.perceptual_weight > 0 else (None, "")
-    if main and notice:
-        print(notice, file=sys.stderr)
-    perceptual = perceptual.to(device) if perceptual is not None else None
-
-    start = 0
+    stage, start, state = Stage1.build(args, config, device, main), 0, {}
     if args.resume:
         state = load_resume(out / RESUME_FILE, STAGE)
-        if state["config"] != config.to_dict():
-            raise ValueError(f"--resume: {out / RESUME_FILE} was trained with another tokenizer config")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if disc is not None and "disc" in state:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
+        stage.restore(state, out / RESUME_FILE)
         start = state["step"]
         if main:
             print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
     if dist_info.enabled:
-        model = DDP(model)
-        disc = DDP(disc) if disc is not None else None
-    net = unwrap(model)
+        stage.distribute()
     log = MetricsLog(out / "metrics_tokenizer.jsonl", main, start if args.resume else None)
-
-    def save(step: int, evaluation: dict | None) -> None:
-        if not main:
-            return
-        record = {STAGE: {"step": step, "batch_size": args.batch_size, "world_size": dist_info.world_size,
-                          "lr": args.lr, "disc_start": disc_start if use_disc else None,
-                          "perceptual": perceptual is not None, "data": data.summary()}}
-        if evaluation is not None:
-            record[STAGE]["eval"] = {k: evaluation[k] for k in ("step", "psnr", "perplexity", "dead_codes")}
-        save_checkpoint(out / "ckpt.pt", tokenizer_config=config.to_dict(), tokenizer=net.state_dict(),
-                        class_names=data.class_names, record=record)
-        resume = {"config": config.to_dict(), "model": net.state_dict(), "opt": opt.state_dict(),
-                  "window_counts": window_counts.cpu()}
-        if disc is not None:
-            resume.update(disc=unwrap(disc).state_dict(), opt_d=opt_d.state_dict())
-        save_resume(out / RESUME_FILE, STAGE, step, resume)
-
-    counts = torch.zeros(config.codebook_size, dtype=torch.int64, device=device)  # codes used since the last log
-    window_counts = torch.zeros_like(counts)  # codes used since the last dead-code restart
-    if args.resume and "window_counts" in state:
-        window_counts += state["window_counts"].to(device)
+    codes = CodeUsage(config.codebook_size, device, args.restart_dead_every, args.seed, state.get("window_counts"))
     latest_z: list[torch.Tensor] = []  # the quantizer's input of the current step, for restarts
 
     def keep_z(module, inputs):
         latest_z[:] = [inputs[0].detach()]
 
-    hook = net.quantizer.register_forward_pre_hook(keep_z)
-    restarted = 0
-    sums: dict[str, float] = {}
+    hook = stage.net.quantizer.register_forward_pre_hook(keep_z)
     evaluation = None
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not main or args.quiet,
-               desc=f"tokenizer {args.config}", dynamic_ncols=True)
-    tic = time.time()
-    model.train()
-    for step in bar:
-        lr = args.lr * warmup_cosine(step, args.steps, args.warmup)
-        for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
-            group["lr"] = lr
+    loop = StepLoop(args, start, stage.optimizers, f"tokenizer {args.config}", show=main)
+    stage.model.train()
+    for step in loop:
         x, _ = train_set.batch(batch_indices(step, args.batch_size, dist_info.rank, dist_info.world_size))
-        x = x.to(device)  # (B, 3, H, W) in [-1, 1]
-
-        x_rec, quant_loss, info = model(x)
-        rec_loss = (x_rec - x).abs().mean() if args.rec_loss == "l1" else F.mse_loss(x_rec, x)
-        nll = rec_loss
-        p_loss = torch.zeros((), device=device)
-        if perceptual is not None:
-            p_loss = perceptual(x_rec, x)
-            nll = nll + args.perceptual_weight * p_loss
-        loss = nll + quant_loss
-        g_loss = d_weight = d_loss = torch.zeros((), device=device)
-        gan_on = disc is not None and step >= disc_start
-        if gan_on:
-            g_loss = -disc(x_rec).mean()
-            d_weight = adaptive_gan_weight(nll, g_loss, net.last_layer_weight) * args.disc_weight
-            loss = loss + d_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if gan_on:  # hinge loss on real crops and the (detached) reconstructions
-            opt_d.zero_grad(set_to_none=True)  # also drops the grads the generator step left in the discriminator
-            logits_real, logits_fake = disc(x), disc(x_rec.detach())
-            d_loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-            d_loss.backward()
-            opt_d.step()
-
-        with torch.no_grad():
-            mse = (x_rec.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
-            batch_psnr = (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
-        counts += info["code_counts"]
-        window_counts += info["code_counts"]
+        values, code_counts = stage.step(x.to(device), step)
+        codes.add(code_counts)
         done = step + 1
-        if args.restart_dead_every and done % args.restart_dead_every == 0:
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + done)
-            restarted += restart_dead_codes(net.quantizer.codebook.weight.data, all_reduce_sum(window_counts),
-                                            latest_z[0], generator)
-            window_counts.zero_()
-        values = {"loss": loss, "rec": rec_loss, "quant": quant_loss, "perceptual": p_loss, "g_loss": g_loss,
-                  "d_weight": d_weight, "d_loss": d_loss, "psnr": batch_psnr}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{float(batch_psnr):.2f}")
-        if done % args.log_every == 0 or done == args.steps:
-            n = args.log_every if done % args.log_every == 0 else done % args.log_every
-            total_counts = all_reduce_sum(counts.clone())
-            perplexity, dead = perplexity_and_dead(total_counts.cpu())
-            log.write({"step": done, **{k: v / n for k, v in sums.items()}, "perplexity": perplexity,
-                       "dead_codes": dead, "restarted_codes": restarted, "lr": lr,
-                       "steps_per_s": n / (time.time() - tic)})
-            sums, tic, restarted = {}, time.time(), 0
-            counts.zero_()
-        if main and (done % args.eval_every == 0 or done == args.steps):
-            evaluation = {"step": done, **evaluate(net, eval_set)}
+        codes.maybe_restart(done, stage.net.quantizer.codebook.weight.data, latest_z[0])
+        loop.add(values, loss=f"{float(values['loss'].detach()):.4f}", psnr=f"{float(values['psnr']):.2f}")
+        if loop.due(done, args.log_every):
+            log.write(loop.window(done, **codes.log_fields()))
+        if main and loop.due(done, args.eval_every):
+            evaluation = {"step": done, **evaluate(stage.net, eval_set)}
             log.write({"step": done, "eval_psnr": evaluation["psnr"], "eval_perplexity": evaluation["perplexity"],
                        "eval_dead_codes": evaluation["dead_codes"]})
-        if done % args.save_every == 0 or done == args.steps:
-            save(done, evaluation)
-    bar.close()
+        if main and loop.due(done, args.save_every):
+            save(out, done, stage, data, dist_info, codes, evaluation)
     hook.remove()
-
     if main:
         if evaluation is None:  # resumed a finished run: evaluate what is there
-            evaluation = {"step": start, **evaluate(net, eval_set)}
-            save(max(start, args.steps), evaluation)
+            evaluation = {"step": start, **evaluate(stage.net, eval_set)}
+            save(out, max(start, args.steps), stage, data, dist_info, codes, evaluation)
         save_grid(out / "reconstructions.png", evaluation["originals"], evaluation["reconstructions"])
         print(f"held-out PSNR {evaluation['psnr']:.2f} dB on {len(eval_set)} crops, codebook perplexity "
               f"{evaluation['perplexity']:.1f}, dead codes {evaluation['dead_codes']}/{config.codebook_size}; "
               f"wrote {out / 'ckpt.pt'}", file=sys.stderr)
     cleanup_distributed()
-    return {"model": net, "eval": evaluation, "out": out}
+    return {"model": stage.net, "eval": evaluation, "out": out}
 
 
 def main(argv: list[str] | None = None) -> None:

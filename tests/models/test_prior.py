@@ -75,3 +75,16 @@ def test_class_conditioning():
         dropped = prior(tokens.repeat(16, 1), torch.zeros(32, dtype=torch.long))
     rows_null = torch.isclose(dropped, null[:1], atol=1e-5).flatten(1).all(1)
     assert 0 < rows_null.sum() < 32
+
+
+def test_configure_optimizers_decays_only_the_matrices():
+    prior = MaskGITPrior(small_config(num_classes=3))
+    opt = prior.configure_optimizers(weight_decay=0.05, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and opt.defaults["lr"] == 1e-3
+    names = {id(p): n for n, p in prior.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "head.weight" in decayed and all(prior.get_parameter(n).dim() >= 2 for n in decayed)
+    assert not {"token_embedding.weight", "class_embedding.weight", "position_embedding", "head.bias",
+                "norm.weight"} & decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(prior.parameters()))

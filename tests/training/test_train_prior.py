@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import movq_deploy.training.prior as prior_train
+from movq_deploy.training import common
 from movq_deploy.models.checkpoint import load_checkpoint, load_models, save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 
@@ -83,17 +84,17 @@ def test_unconditional_flag(tmp_path, tokenizer_ckpt):
 
 def test_resume_continues_the_interrupted_run(tmp_path, tokenizer_ckpt, monkeypatch):
     straight = prior_train.train(args_for(tokenizer_ckpt, tmp_path / "a" / "ckpt.pt"))["prior"].state_dict()
-    original = prior_train.warmup_cosine
+    original = common.warmup_cosine
 
     def interrupted(step, *rest):
         if step == 2:
             raise KeyboardInterrupt
         return original(step, *rest)
 
-    monkeypatch.setattr(prior_train, "warmup_cosine", interrupted)
+    monkeypatch.setattr(common, "warmup_cosine", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prior_train.train(args_for(tokenizer_ckpt, tmp_path / "b" / "ckpt.pt"))
-    monkeypatch.setattr(prior_train, "warmup_cosine", original)
+    monkeypatch.setattr(common, "warmup_cosine", original)
     resumed = prior_train.train(args_for(tokenizer_ckpt, tmp_path / "b" / "ckpt.pt", "--resume"))
     for name, value in straight.items():
         assert torch.equal(value, resumed["prior"].state_dict()[name]), name

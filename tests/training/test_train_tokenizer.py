@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import movq_deploy.training.tokenizer as tokenizer
+from movq_deploy.training import common
 from movq_deploy.models.checkpoint import load_checkpoint, load_models
 from movq_deploy.training.perceptual import VGG16_LAYOUT, load_perceptual
 
@@ -42,17 +43,17 @@ def test_resume_continues_the_interrupted_run(tmp_path, monkeypatch):
     fast = ("--eval-every", "4")
     straight = tokenizer.train(args_for(tmp_path / "straight", *fast))["model"].state_dict()
 
-    original = tokenizer.warmup_cosine
+    original = common.warmup_cosine
 
     def interrupted(step, *rest):
         if step == 2:  # after the step-2 save: like a kill between steps
             raise KeyboardInterrupt
         return original(step, *rest)
 
-    monkeypatch.setattr(tokenizer, "warmup_cosine", interrupted)
+    monkeypatch.setattr(common, "warmup_cosine", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tokenizer.train(args_for(tmp_path / "cut", *fast))
-    monkeypatch.setattr(tokenizer, "warmup_cosine", original)
+    monkeypatch.setattr(common, "warmup_cosine", original)
     assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["record"]["tokenizer"]["step"] == 2
     resumed = tokenizer.train(args_for(tmp_path / "cut", "--resume", *fast))["model"].state_dict()
     for name in straight:
