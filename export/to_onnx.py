@@ -1,6 +1,6 @@
 """Export ckpt.pt to an engine directory of ONNX graphs, validated against PyTorch.
 
-    python export/to_onnx.py ckpt.pt [--out engines/] [--steps 8] [--fp16] [--int8] [--opset 17|18]
+    python export/to_onnx.py ckpt.pt [--out engines/] [--steps 8] [--fp16] [--int8]
 
 Writes encoder.onnx, decoder.onnx, prior.onnx (+ encoder.fp16.onnx, decoder.fp16.onnx, prior.fp16.onnx with
 --fp16, prior.int8.onnx with --int8) and manifest.json (movq_deploy.manifest). The graphs are the torch modules of
@@ -12,16 +12,15 @@ exports; above tolerance the export fails and says which graph and by how much. 
 compared with the fp32 graph and their agreement is stored in the manifest. Everything is written into a temporary
 directory beside --out and renamed at the end, so a failed export leaves the previous engine directory intact.
 
-Exporter (--exporter auto): torch.onnx's dynamo exporter (torch.export) at opset 18, which names the batch axis
-on every input and output and leaves no TorchScript Shape/Gather/Concat scaffolding; the deprecated TorchScript
-exporter at opset 17 (dynamo cannot down-convert) or when torch.export cannot trace a module.
+Exporter: torch.onnx's dynamo exporter (torch.export) at opset 18, which names the batch axis on every input and
+output and leaves no TorchScript Shape/Gather/Concat scaffolding. The library behind this command is
+movq_deploy.export.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from movq_deploy.export.onnx_graph import EXPORTERS, OPSETS
 from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.specs import ExportError, one_line
 from movq_deploy.sampling import SamplingDefaults
@@ -35,12 +34,9 @@ def main(argv: "list[str] | None" = None) -> int:
                         help=f"sampling steps recorded as the default ({SamplingDefaults.steps})")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
     parser.add_argument("--int8", action="store_true", help="also write prior.int8.onnx (dynamic int8, ONNX Runtime CPU)")
-    parser.add_argument("--opset", type=int, default=18, choices=OPSETS)
-    parser.add_argument("--exporter", default="auto", choices=EXPORTERS)
     args = parser.parse_args(argv)
     try:
-        export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8,
-                          opset=args.opset, exporter=args.exporter)
+        export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8)
     except (FileNotFoundError, ValueError, ExportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

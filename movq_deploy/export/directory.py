@@ -1,14 +1,55 @@
-"""The engine directory on disk: the output folder checked, the finished folder swapped in atomically, and the
-previous export's TensorRT engines carried over when their ONNX graph did not change."""
+"""The engine directory on disk: the output folder checked, the new one written in a work folder beside it (work
+folders that a killed export left behind removed first) and swapped in atomically, and the previous export's
+TensorRT engines carried over when their ONNX graph did not change."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from movq_deploy import manifest as mf
 from movq_deploy.engine_cache import TIMING_CACHE_NAME
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_work_dirs(out: Path) -> "list[Path]":
+    """Removes the work folders of exports to `out` whose process is gone (killed mid-export); returns them.
+
+    A work folder is named .<out name>.<pid>-<random>.tmp; one whose process still runs (a concurrent export) is
+    left alone, and so is anything else beside `out`.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)-[^.]+\.tmp")
+    stale = []
+    for path in sorted(out.parent.glob(f".{out.name}.*.tmp")):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
+def make_work_dir(out: Path) -> Path:
+    """A fresh folder beside `out` for the new engine directory, named after this process (remove_stale_work_dirs
+    reads the name), with the permissions of an ordinary directory."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the engine directory is an ordinary one
+    return work
+
 
 def _replace_dir(new: Path, out: Path) -> None:
     """Puts the finished directory `new` at `out`; an existing `out` is swapped out and removed only afterwards."""

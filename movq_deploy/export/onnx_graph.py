@@ -13,48 +13,28 @@ import torch
 from movq_deploy import contract
 from movq_deploy.export.specs import EXAMPLE_BATCH, ExportError, GraphSpec, one_line
 
-OPSETS = (17, 18)
-EXPORTERS = ("auto", "dynamo", "torchscript")
+OPSET = 18  # the dynamo exporter's own opset; TensorRT 10 parses 18 and later
 # Ops TensorRT rejects or does not seed: randomness comes from the host (movq_deploy.sampling).
 FORBIDDEN_OPS = {"Multinomial", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli"}
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int, exporter: str, log=print) -> str:
-    """Exports spec.module to path; returns the exporter that was used ("dynamo" or "torchscript").
-
-    "auto": dynamo at opset 18 (its own opset; its down-conversion to 17 fails: "No Adapter To Version 17 for
-    Pad"), TorchScript at opset 17 and whenever torch.export cannot trace the module.
-    """
+def export_graph(spec: GraphSpec, path: Path) -> None:
+    """Exports spec.module to path with torch.onnx's dynamo exporter (torch.export) at OPSET: every input and output
+    has its batch axis named, and no TorchScript Shape/Gather/Concat scaffolding is left."""
     feeds = spec.make_inputs(EXAMPLE_BATCH, np.random.default_rng(0))
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
-    if exporter == "dynamo" or (exporter == "auto" and opset == 18):
-        try:
-            _export_dynamo(spec, args, path, opset)
-            return "dynamo"
-        except Exception as error:  # torch.export raises many types; the message is what matters
-            if exporter == "dynamo":
-                raise ExportError(f"{spec.name}: the dynamo exporter failed: {one_line(error)}") from error
-            log(f"{spec.name}: the dynamo exporter failed ({one_line(error)}); using the TorchScript exporter")
-    dynamic_axes = {name: {0: contract.BATCH} for name in spec.input_names + spec.output_names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
-        torch.onnx.export(
-            spec.module, args, str(path), dynamo=False, opset_version=opset, input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_axes=dynamic_axes,
-        )
-    return "torchscript"
-
-
-def _export_dynamo(spec: GraphSpec, args: tuple, path: Path, opset: int) -> None:
     batch = torch.export.Dim(contract.BATCH)
     dynamic_shapes = tuple({0: batch} for _ in spec.input_names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4 per export
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            spec.module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                spec.module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names,
+                output_names=spec.output_names, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+            )
+    except Exception as error:  # torch.export raises many types; the message is what matters
+        raise ExportError(f"{spec.name}: the dynamo exporter failed: {one_line(error)}") from error
     program.save(str(path))
 
 
@@ -81,14 +61,13 @@ def forbidden_ops(model: onnx.ModelProto) -> "list[str]":
     return found
 
 
-def finalize_graph(spec: GraphSpec, path: Path, opset: int, shapes: "dict[str, tuple]") -> onnx.ModelProto:
+def finalize_graph(spec: GraphSpec, path: Path, shapes: "dict[str, tuple]") -> onnx.ModelProto:
     """Checks an exported graph, declares its I/O shapes (the batch axis named "batch", every other axis static,
     as `shapes` says), stores the inferred shapes of every tensor; returns the model."""
     model = onnx.load(str(path))
     default_opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if default_opset != opset:
-        raise ExportError(f"{spec.name}: exported at opset {default_opset}, asked for {opset} "
-                          f"(the dynamo exporter writes opset 18: use --exporter torchscript for 17)")
+    if default_opset != OPSET:
+        raise ExportError(f"{spec.name}: exported at opset {default_opset}, expected {OPSET}")
     bad = forbidden_ops(model)
     if bad:
         raise ExportError(f"{spec.name}: the graph holds ops TensorRT cannot run: {', '.join(bad)}")
@@ -107,7 +86,7 @@ def finalize_graph(spec: GraphSpec, path: Path, opset: int, shapes: "dict[str, t
                 dim.dim_param = contract.BATCH
             elif dim.dim_value not in (0, size):
                 raise ExportError(f"{spec.name}: {name} axis {axis} is {dim.dim_value}, PyTorch gives {size}")
-            else:  # TorchScript leaves derived output axes symbolic ("Castindices_dim_1"): they are static
+            else:  # an axis the exporter left symbolic although PyTorch gives it one size: it is static
                 dim.dim_value = size
     # The dynamo exporter stamps every node with its Python stack trace (absolute paths, line numbers): drop it, so
     # that the same weights give the same bytes (engine caches key on the ONNX sha256) and no paths leak.

@@ -15,39 +15,75 @@ import torch
 
 from movq_deploy import manifest as mf
 from movq_deploy.manifest import EngineDir, Grid
-from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines
-from movq_deploy.export.onnx_graph import EXPORTERS, OPSETS, export_graph, finalize_graph, tensor_specs
+from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
+from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
-from movq_deploy.export.specs import graph_specs, io_shapes, one_line
+from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import TOLERANCE, VALIDATION_BATCHES, compare_graphs, format_table, summary, validate_fp32
 from movq_deploy.models.checkpoint import load_models
 from movq_deploy.sampling import SamplingDefaults
 
-def _graph_entry(engine_dir: Path, file: str, model: onnx.ModelProto, opset: int, exporter: str) -> dict:
-    return mf.file_entry(engine_dir, file, opset=opset, exporter=exporter, inputs=tensor_specs(model.graph.input),
-                         outputs=tensor_specs(model.graph.output))
+EXPORTER = "dynamo"  # recorded in each graph's manifest entry
 
 
-def export_engine_dir(
-    ckpt_path: "str | os.PathLike[str]",
-    out: "str | os.PathLike[str]" = "engines",
-    steps: int = SamplingDefaults.steps,
-    fp16: bool = False,
-    int8: bool = False,
-    opset: int = 18,
-    exporter: str = "auto",
-    log: Callable[[str], None] = print,
-) -> EngineDir:
-    """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written."""
-    if opset not in OPSETS:
-        raise ValueError(f"opset must be one of {OPSETS} (TensorRT parses 17-18), got {opset}")
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
-    out = Path(out)
-    _check_out(out)
-    ckpt_path = Path(ckpt_path)
+def _fp32_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
+    """Exported from PyTorch, checked, and validated against PyTorch."""
+    path = work / f"{spec.name}.onnx"
+    export_graph(spec, path)
+    model = finalize_graph(spec, path, io_shapes(spec))
+    return model, validate_fp32(spec, path)
+
+
+def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
+    """Converted from the fp32 graph, and compared with it."""
+    fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.fp16.onnx"
+    model = convert_fp16(spec, fp32_path, path)
+    return model, compare_graphs(spec, fp32_path, path)
+
+
+def _int8_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
+    """Quantized from the fp32 graph (its intermediate files in a scratch folder), and compared with it."""
+    fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
+    with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
+        fusions = quantize_int8(spec, fp32_path, path, Path(scratch))
+    agreement = compare_graphs(spec, fp32_path, path)
+    return onnx.load(str(path)), {**agreement, "fusions": fusions}
+
+
+# precision -> (writer, the graphs it makes, the file name's infix, what its figures compare with)
+PRECISIONS = {
+    "fp32": (_fp32_graph, ("encoder", "decoder", "prior"), "", f"({EXPORTER}, opset {OPSET}) validated"),
+    "fp16": (_fp16_graph, ("encoder", "decoder", "prior"), ".fp16", "vs fp32"),
+    "int8": (_int8_graph, ("prior",), ".int8", "vs fp32"),  # ONNX Runtime's CPU graph, not a TensorRT one
+}
+
+
+def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[str]",
+                 log: Callable[[str], None]) -> "tuple[dict, dict]":
+    """Writes every graph of each precision into `work`, in order (fp16 and int8 start from the fp32 graph);
+    returns the manifest's "graphs" and "validation" entries."""
+    graphs: dict = {}
+    validation: dict = {}
+    for precision in precisions:
+        writer, names, infix, compared = PRECISIONS[precision]
+        for name in names:
+            tick = time.perf_counter()
+            model, figures = writer(specs[name], work)
+            validation.setdefault(precision, {})[name] = figures
+            graphs.setdefault(precision, {})[name] = mf.file_entry(
+                work, f"{name}{infix}.onnx", opset=OPSET, exporter=EXPORTER,
+                inputs=tensor_specs(model.graph.input), outputs=tensor_specs(model.graph.output))
+            log(f"{name:8s} {precision}  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
+                f"{compared}: {summary(figures)}")
+    agreement = validation.get("int8", {}).get("prior", {}).get("top_token_agreement", 1.0)
+    if agreement < 0.95:
+        log(f"warning: the int8 prior's most likely token agrees with fp32 on only {agreement:.1%} of slots "
+            f"(target 95%)")
+    return graphs, validation
+
+
+def load_exportable(ckpt_path: Path):
+    """(movq, prior, ckpt) of a two-stage checkpoint whose prior fits its tokenizer; else a one-line ValueError."""
     try:
         movq, prior, ckpt = load_models(ckpt_path)
     except (FileNotFoundError, ValueError):
@@ -59,45 +95,29 @@ def export_engine_dir(
     if prior.config.grid != movq.config.grid or prior.config.codebook_size != movq.config.codebook_size:
         raise ValueError(f"{ckpt_path}: the prior's grid/codebook {prior.config.grid}/{prior.config.codebook_size} "
                          f"do not match the tokenizer's {movq.config.grid}/{movq.config.codebook_size}")
+    return movq, prior, ckpt
+
+
+def export_engine_dir(
+    ckpt_path: "str | os.PathLike[str]",
+    out: "str | os.PathLike[str]" = "engines",
+    steps: int = SamplingDefaults.steps,
+    fp16: bool = False,
+    int8: bool = False,
+    log: Callable[[str], None] = print,
+) -> EngineDir:
+    """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    out, ckpt_path = Path(out), Path(ckpt_path)
+    _check_out(out)
+    movq, prior, ckpt = load_exportable(ckpt_path)
     started = time.perf_counter()
     specs = graph_specs(movq, prior)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the engine directory is an ordinary one
+    work = make_work_dir(out)
     try:
-        graphs, validation, exporters = {"fp32": {}}, {"fp32": {}}, {}
-        for name, spec in specs.items():
-            tick = time.perf_counter()
-            exporters[name] = export_graph(spec, work / f"{name}.onnx", opset, exporter, log)
-            model = finalize_graph(spec, work / f"{name}.onnx", opset, io_shapes(spec))
-            validation["fp32"][name] = validate_fp32(spec, work / f"{name}.onnx")
-            graphs["fp32"][name] = _graph_entry(work, f"{name}.onnx", model, opset, exporters[name])
-            log(f"{name:8s} fp32  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
-                f"({exporters[name]}, opset {opset}) validated: {summary(validation['fp32'][name])}")
-        if fp16:
-            graphs["fp16"], validation["fp16"] = {}, {}
-            for name, spec in specs.items():
-                tick = time.perf_counter()
-                model = convert_fp16(spec, work / f"{name}.onnx", work / f"{name}.fp16.onnx", opset)
-                validation["fp16"][name] = compare_graphs(spec, work / f"{name}.onnx", work / f"{name}.fp16.onnx")
-                graphs["fp16"][name] = _graph_entry(work, f"{name}.fp16.onnx", model, opset, exporters[name])
-                log(f"{name:8s} fp16  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
-                    f"vs fp32: {summary(validation['fp16'][name])}")
-        if int8:
-            tick = time.perf_counter()
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.int8-") as scratch:
-                fusions = quantize_int8(specs["prior"], work / "prior.onnx", work / "prior.int8.onnx", Path(scratch))
-            agreement = compare_graphs(specs["prior"], work / "prior.onnx", work / "prior.int8.onnx")
-            validation["int8"] = {"prior": {**agreement, "fusions": fusions}}
-            model = onnx.load(str(work / "prior.int8.onnx"))
-            graphs["int8"] = {"prior": _graph_entry(work, "prior.int8.onnx", model, opset, exporters["prior"])}
-            log(f"{'prior':8s} int8  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
-                f"vs fp32: {summary(agreement)}")
-            if agreement["top_token_agreement"] < 0.95:
-                log(f"warning: the int8 prior's most likely token agrees with fp32 on only "
-                    f"{agreement['top_token_agreement']:.1%} of slots (target 95%)")
+        precisions = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8
+        graphs, validation = write_graphs(specs, work, precisions, log)
         engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, steps, graphs, validation,
                                       seconds=time.perf_counter() - started)
         engine_dir.engines = carry_over_engines(out, work, graphs)

@@ -37,7 +37,7 @@ def fp16_tail(name: str, model: onnx.ModelProto) -> "list[str]":
     return _downstream_nodes(model, set(last_conv.output))
 
 
-def convert_fp16(spec: GraphSpec, fp32_path: Path, path: Path, opset: int) -> onnx.ModelProto:
+def convert_fp16(spec: GraphSpec, fp32_path: Path, path: Path) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(fp32_path))
@@ -52,7 +52,7 @@ def convert_fp16(spec: GraphSpec, fp32_path: Path, path: Path, opset: int) -> on
     _sort_topologically(model)  # the converter appends its Casts at the end of the node list
     _remove_cast_round_trips(model)
     onnx.save(model, str(path))
-    return finalize_graph(spec, path, opset, io_shapes(spec))
+    return finalize_graph(spec, path, io_shapes(spec))
 
 
 def _sort_topologically(model: onnx.ModelProto) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -112,3 +114,14 @@ def test_a_failed_validation_leaves_the_previous_engine_dir_intact(ckpt, tmp_pat
         export_engine_dir(ckpt, out, log=lambda line: None)
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["engines"]  # the temporary directory is gone
+
+
+def test_an_export_removes_the_work_folder_a_killed_export_left(ckpt, tmp_path, monkeypatch):
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".engines.{int(killed.stdout)}-x1y2z3.tmp"
+    stale.mkdir()
+    (stale / "encoder.onnx").write_bytes(b"half written")
+    monkeypatch.setitem(validation.TOLERANCE, "encoder_max_mismatches", -1)  # stop after the first graph
+    with pytest.raises(ExportError):
+        export_engine_dir(ckpt, tmp_path / "engines", log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
