@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import tempfile
@@ -29,28 +28,27 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from movq_deploy.files import atomic_write_text
+from movq_deploy.generator import Generator
+from movq_deploy.manifest import EngineDir
+from movq_deploy.models.reference import ReferenceSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
 from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
+from benchmarks.latency_report import STAGES, plot, report_markdown, title_of  # noqa: E402
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.subject import (  # noqa: E402
+    CONFIGS, DEFAULT_ENGINE_DIRS, agreement_feeds, graph_of, load_subject, stage_feeds,
+)
 from benchmarks.timing import CallTimer, summarize, time_calls  # noqa: E402
 from benchmarks.torch_peers import TorchPeer, loop_sample  # noqa: E402
-from movq_deploy import contract, sampling  # noqa: E402
-from movq_deploy.files import atomic_path, atomic_write_text, sha256_file  # noqa: E402
-from movq_deploy.generator import Generator  # noqa: E402
-from movq_deploy.manifest import EngineDir  # noqa: E402
-from movq_deploy.models.checkpoint import load_models, save_checkpoint  # noqa: E402
-from movq_deploy.models.reference import ReferenceSampler  # noqa: E402
 
-STAGES = ("prior_step", "decode", "encode", "sample")
 EAGER, COMPILE = "pytorch-eager", "torch-compile"
 BACKEND_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISION_ORDER = ("fp32", "fp16", "int8")
-CONFIGS = {"tiny": ("tiny", "tiny"), "paper": ("paper-f16", "paper")}  # --config -> (MoVQ preset, prior preset)
-DEFAULT_ENGINE_DIRS = ("engines", "runs/demo/engines")  # export/to_onnx.py's default --out, then what make demo writes
 # A stage whose predicted single call (its FLOPs at this fraction of the GEMM rate) exceeds --max-call-s is skipped.
 PREDICTION_EFFICIENCY = 0.5
 
@@ -91,81 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---- models and engines --------------------------------------------------------------------------------------
-
-
-def export_fresh_models(config: str, workdir: Path) -> "tuple[Path, Path]":
-    """Freshly initialized models of `config` size (speed does not depend on the weights) saved as a checkpoint
-    and exported with export/to_onnx.py (fp32 + int8 prior; fp16 too where a GPU backend can run ONNX graphs)."""
-    import importlib.util
-
-    from movq_deploy.export.pipeline import export_engine_dir
-    from movq_deploy.backends.onnxruntime import cuda_available
-    from movq_deploy.models.movq import MoVQ, MoVQConfig
-    from movq_deploy.models.prior import MaskGITPrior, PriorConfig
-
-    tokenizer_preset, prior_preset = CONFIGS[config]
-    torch.manual_seed(0)
-    tokenizer_config = MoVQConfig.preset(tokenizer_preset)
-    prior_config = PriorConfig.preset(prior_preset, tokenizer_config)
-    movq, prior = MoVQ(tokenizer_config), MaskGITPrior(prior_config)
-    ckpt = save_checkpoint(workdir / "ckpt.pt", tokenizer_config=tokenizer_config.to_dict(),
-                           tokenizer=movq.state_dict(), prior_config=prior_config.to_dict(), prior=prior.state_dict(),
-                           record={"note": f"random weights for benchmarks/latency.py --config {config}"})
-    engine_dir = workdir / "engines"
-    fp16 = cuda_available() or importlib.util.find_spec("tensorrt") is not None
-    export_engine_dir(ckpt, engine_dir, fp16=fp16, int8=True, log=lambda line: None)
-    return engine_dir, ckpt
-
-
-def default_engine_dir() -> Path:
-    for name in DEFAULT_ENGINE_DIRS:
-        if (Path(name) / "manifest.json").is_file():
-            return Path(name)
-    raise FileNotFoundError(f"no engine directory at {' or '.join(DEFAULT_ENGINE_DIRS)}: run `make demo`, pass "
-                            f"--engine-dir, or time fresh models with --config tiny")
-
-
-def resolve_ckpt(ckpt: Optional[str], engines: EngineDir) -> Path:
-    """`ckpt` (--ckpt), else the checkpoint the engines were exported from (it records the file name and sha256):
-    looked for beside the engine directory, inside it, then in the working directory."""
-    if ckpt:
-        path = Path(ckpt)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    source, engine_dir = engines.export, engines.path
-    name, digest = source.get("checkpoint"), source.get("checkpoint_sha256")
-    if not name:
-        raise ValueError(f"{engine_dir}/manifest.json names no source checkpoint: pass --ckpt")
-    for folder in (engine_dir.parent, engine_dir, Path.cwd()):
-        path = folder / name
-        if path.is_file() and (digest is None or sha256_file(path) == digest):
-            return path
-    raise FileNotFoundError(f"the checkpoint {name} the engines were exported from is not beside {engine_dir} "
-                            f"(or was changed since): pass --ckpt")
-
-
-# ---- inputs, FLOPs, predictions ------------------------------------------------------------------------------
-
-
-def stage_feeds(stage: str, batch: int, engines: EngineDir, rng: np.random.Generator) -> dict:
-    """Inputs of one engine call: the prior's first step (all slots masked; the cost is the same at every step),
-    random code indices for decode, random pixels for encode."""
-    h, w, c = engines.grid.shape
-    if stage == "prior_step":
-        n, defaults = engines.grid.num_slots, engines.sampling
-        labels = sampling.resolve_class_labels(None, batch, engines.num_classes)  # the null class
-        return contract.prior_step_feeds(
-            np.full((batch, n), engines.mask_id, np.int32), labels, rng.random((batch, n), dtype=np.float32),
-            rng.gumbel(size=(batch, n)), defaults.temperature,
-            sampling.choice_scale(0, defaults.steps, defaults.choice_temperature))
-    if stage == "decode":
-        return {"indices": rng.integers(0, engines.codebook_size, (batch, h, w, c), dtype=np.int32)}
-    if stage == "encode":
-        size = engines.image_size
-        return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)}
-    raise ValueError(f"unknown stage {stage!r}")
+# ---- FLOPs ---------------------------------------------------------------------------------------------------
 
 
 def stage_flops(peer: TorchPeer, prior_config, engines: EngineDir, steps: int) -> dict:
@@ -176,14 +100,10 @@ def stage_flops(peer: TorchPeer, prior_config, engines: EngineDir, steps: int) -
     counted = {}
     for stage in ("prior_step", "decode", "encode"):
         feeds = stage_feeds(stage, 1, engines, rng)
-        counted[stage] = counted_flops(lambda: peer.runners[_graph(stage)].run(feeds))
+        counted[stage] = counted_flops(lambda: peer.runners[graph_of(stage)].run(feeds))
     per_image = {"prior_step": float(analytic["total"]), "decode": counted["decode"], "encode": counted["encode"]}
     per_image["sample"] = steps * per_image["prior_step"] + per_image["decode"]
     return {"per_image": per_image, "prior_step_parts": analytic, "prior_step_counted": counted["prior_step"]}
-
-
-def _graph(stage: str) -> str:
-    return {"prior_step": "prior", "decode": "decoder", "encode": "encoder"}[stage]
 
 
 # ---- candidates: what is timed ------------------------------------------------------------------------------
@@ -269,7 +189,7 @@ def time_stage(candidate: Candidate, stage: str, batch: int, engines: EngineDir,
             stats["engine_calls_per_sample"] = sum(t.calls for t in timers.values()) / wall.calls
         return stats
     feeds = stage_feeds(stage, batch, engines, np.random.default_rng(batch))
-    runner = candidate.runners[_graph(stage)]
+    runner = candidate.runners[graph_of(stage)]
     times = time_calls(lambda: runner.run(feeds), budget_s, warmup=1 if few else 2, min_repeats=2 if few else 3)
     return summarize(times, batch)
 
@@ -342,18 +262,6 @@ def add_speedups(rows: list) -> None:
 # ---- int8 agreement and targets ----------------------------------------------------------------------------------
 
 
-def agreement_feeds(engines: EngineDir, tokens: np.ndarray) -> "tuple[dict, np.ndarray]":
-    """Prior-step feeds whose draw is an argmax (temperature 1e-4), and the bool mask of their masked slots: the
-    token grids `tokens` [B, N] half masked at random, then all masked (the first step): 2B states."""
-    rng = np.random.default_rng(0)
-    mask_id = engines.mask_id
-    half = np.where(rng.random(tokens.shape) < 0.5, mask_id, tokens).astype(np.int32)
-    states = np.concatenate([half, np.full_like(half, mask_id)])  # (2B, N)
-    labels = sampling.resolve_class_labels(None, len(states), engines.num_classes)
-    feeds = contract.prior_step_feeds(states, labels, np.full(states.shape, 0.5), np.zeros(states.shape), 1e-4, 0.0)
-    return feeds, states == mask_id
-
-
 def top_token_agreement(fp32_runner, int8_runner, engines: EngineDir, tokens: np.ndarray) -> float:
     """Share of masked slots whose most likely token is the same in both priors (a temperature of 1e-4 makes the
     inverse-CDF draw an argmax), over a half-decoded state built from real samples and the all-masked first step."""
@@ -405,111 +313,15 @@ def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: l
     return out
 
 
-# ---- report ------------------------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
-
-
-def results_table(rows: list) -> str:
-    lines = ["| stage | backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | GFLOP/s "
-             "| % GEMM | calls |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for stage in STAGES:
-        for row in (r for r in rows if r["stage"] == stage):
-            head = f"| {stage} | {row['backend']} | {row['precision']} | {row['batch']} |"
-            if "skipped" in row:
-                lines.append(f"{head} skipped: {row['skipped']} |||||||")
-                continue
-            lines.append(
-                f"{head} {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['images_per_s']:.1f}"
-                f" | {_fmt(row.get('speedup_vs_eager'), '.2f')} | {row['gflops_per_s']:.1f}"
-                f" | {row['gemm_fraction']:.0%} | {row['repeats']} |")
-    return "\n".join(lines)
-
-
-def summary_table(rows: list, batch_sizes: list) -> str:
-    """The short table: p50 of each stage and sample images/s per backend and batch."""
-    lines = ["| backend | precision | batch | prior step ms | decode ms | encode ms | sample ms | images/s "
-             "| x eager (sample) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows))
-    for backend, precision in keys:
-        for batch in batch_sizes:
-            cell = {r["stage"]: r for r in rows
-                    if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch) and "p50_ms" in r}
-            if not cell:
-                continue
-            sample = cell.get("sample", {})
-            ms = [_fmt(cell.get(s, {}).get("p50_ms"), ".2f") for s in STAGES]
-            lines.append(f"| {backend} | {precision} | {batch} | {' | '.join(ms)} | "
-                         f"{_fmt(sample.get('images_per_s'), '.1f')} | {_fmt(sample.get('speedup_vs_eager'), '.2f')} |")
-    return "\n".join(lines)
-
-
-def targets_table(targets: list) -> str:
-    lines = ["| target | measured | met |", "|---|---:|---|"]
-    for t in targets:
-        value = t["value"]
-        shown = "not measured" if value is None else (f"{value:.1%}" if "%" in t["target"] else f"{value:.2f}x")
-        met = {True: "met", False: "**missed**", None: "-"}[t["met"]]
-        lines.append(f"| {t['target']} | {shown}{' (' + t['detail'] + ')' if t['detail'] else ''} | {met} |")
-    return "\n".join(lines)
-
-
-def overhead_line(rows: list) -> str:
-    parts = [f"{r['backend']} {r['precision']} n={r['batch']}: {r['loop_overhead']:.1%}"
-             for r in rows if r["stage"] == "sample" and "loop_overhead" in r]
-    return "Loop overhead (share of Generator.sample outside engine calls): " + ("; ".join(parts) or "not measured")
-
-
-def plot(rows: list, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4.2 * len(STAGES), 3.8))
-    for ax, stage in zip(axes, STAGES):
-        keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows if r["stage"] == stage))
-        for backend, precision in keys:
-            points = sorted((r["batch"], r["p50_ms"]) for r in rows if "p50_ms" in r and r["stage"] == stage
-                            and (r["backend"], r["precision"]) == (backend, precision))
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{backend} {precision}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("p50 latency (ms)")
-        ax.set_title(stage)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.time()
-    log = print
+def measure(args: argparse.Namespace, log=print) -> dict:
+    """Everything latency.json records but the command and the clock: the candidates timed, their rows, targets."""
     with tempfile.TemporaryDirectory(prefix="movq-latency-") as workdir:
         if args.config:
             log(f"exporting freshly initialized {args.config} models to a temporary engine directory ...")
-            engine_dir, ckpt = export_fresh_models(args.config, Path(workdir))
-        else:
-            engine_dir = default_engine_dir() if args.engine_dir is None else Path(args.engine_dir)
-        engines = EngineDir.load(engine_dir)
-        if not args.config:
-            ckpt = resolve_ckpt(args.ckpt, engines)
-        movq, prior, _ = load_models(ckpt)
-        if prior is None:
-            raise ValueError(f"{ckpt} holds no prior (stage 1 only): train the prior first")
-
+        engine_dir, engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(workdir))
         skipped: list = []
         candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
         # The PyTorch peers get the threads ONNX Runtime uses on the CPU, so both compete on equal terms.
@@ -524,7 +336,6 @@ def main(argv=None) -> dict:
         gemm: dict = {}
         update_gemm(gemm, gemm_rate(threads, budget_s=min(2.0, 4 * args.budget_s)))
         flops = stage_flops(candidates[0], prior.config, engines, args.steps)
-
         rows = run_benchmark(args, candidates, engines, flops, gemm, threads, log)
         log(f"GEMM rate (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.1f} GFLOP/s fp32 CPU"
             + (f", {gemm['gpu_fp16_gflops']:.0f} GFLOP/s fp16 GPU" if 'gpu_fp16_gflops' in gemm else ""))
@@ -533,22 +344,16 @@ def main(argv=None) -> dict:
         by_key = {(c.backend, c.precision): c for c in candidates}
         if ("onnxruntime-cpu", "int8") in by_key and ("onnxruntime-cpu", "fp32") in by_key:
             n = min(16, max(args.batch_sizes))
-            tokens = Generator(engine_dir, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
+            tokens = Generator(engines, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
             int8_agreement = top_token_agreement(by_key["onnxruntime-cpu", "fp32"].runners["prior"],
                                                  by_key["onnxruntime-cpu", "int8"].runners["prior"], engines, tokens)
-        targets = evaluate_targets(rows, int8_agreement, args.batch_sizes)
-
-    command = " ".join(["python benchmarks/latency.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     machine["load_average_at_end"] = load_average()
-    report = {
-        "command": command,
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "duration_s": round(time.time() - started, 1),
+    return {
         "machine": machine,
         "threads": threads,
         "gemm": gemm,
         "model": {"config": args.config or "checkpoint", "ckpt": None if args.config else str(ckpt),
-                  "engine_dir": None if args.config else str(engine_dir), "tokenizer": engines.model["tokenizer"],
+                  "engine_dir": None if args.config else str(engines.path), "tokenizer": engines.model["tokenizer"],
                   "prior": engines.model["prior"], "grid": engines.to_dict()["grid"], "image_size": engines.image_size},
         "settings": {"batch_sizes": args.batch_sizes, "steps": args.steps, "budget_s": args.budget_s,
                      "quick": args.quick, "torch_compile": args.compile},
@@ -556,33 +361,25 @@ def main(argv=None) -> dict:
         "skipped_backends": skipped,
         "results": rows,
         "int8_top_token_agreement": int8_agreement,
-        "targets": targets,
+        "targets": evaluate_targets(rows, int8_agreement, args.batch_sizes),
     }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.time()
+    command = " ".join(["python benchmarks/latency.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    measured = measure(args)
+    report = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "duration_s": round(time.time() - started, 1), **measured}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "latency.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    title = (f"{machine['cpu_model']}, {machine['cores']} cores{', ' + machine['gpus'][0] if machine['gpus'] else ''}"
-             f" - {report['model']['config']} model, {args.steps} steps")
-    plot(rows, out / "latency.png", title)
-
-    summary = summary_table(rows, args.batch_sizes)
-    start_load, end_load = ((machine[key] or [None])[0] for key in ("load_average_at_start", "load_average_at_end"))
-    load = (f"{report['started_utc']}, {report['duration_s']:.0f} s, {threads} threads; load average (1 min) "
-            f"{_fmt(start_load, '.1f')} at start, {_fmt(end_load, '.1f')} at end; GEMM rate "
-            f"{gemm['cpu_fp32_gflops']:.0f} GFLOP/s fp32 CPU"
-            + (f", {gemm['gpu_fp16_gflops']:.0f} fp16 GPU" if "gpu_fp16_gflops" in gemm else ""))
-    text = [f"## Latency ({title})", "", f"`{command}`", "", load, "", summary, ""]
-    if not args.quick:
-        text += [results_table(rows), ""]
-    text += [overhead_line(rows), "", targets_table(targets), ""]
-    reasons = {}  # one line per backend and reason, naming its precisions
-    for s in skipped:
-        reasons.setdefault((s["backend"], s["reason"]), []).append(s["precision"])
-    text += [f"Skipped: {backend} ({', '.join(precisions)}): {reason}"
-             for (backend, reason), precisions in reasons.items()]
-    atomic_write_text(out / "latency.md", "\n".join(text) + "\n")
-    log("\n" + "\n".join(text))
-    log(f"wrote {out / 'latency.json'}, {out / 'latency.md'}, {out / 'latency.png'} in {report['duration_s']:.0f} s")
+    plot(report["results"], out / "latency.png", title_of(report))
+    text = report_markdown(report)
+    atomic_write_text(out / "latency.md", text)
+    print("\n" + text[:-1])
+    print(f"wrote {out / 'latency.json'}, {out / 'latency.md'}, {out / 'latency.png'} in {report['duration_s']:.0f} s")
     return report
 
 

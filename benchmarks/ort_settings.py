@@ -1,4 +1,4 @@
-"""What ONNX Runtime already offers for the CPU, measured: the settings behind the runtime's defaults (issue 6).
+"""What ONNX Runtime already offers for the CPU, measured: the settings behind the runtime's defaults.
 
     python benchmarks/ort_settings.py [--engine-dir engines/ --ckpt PATH | --config tiny|paper]
                                       [--batch-sizes 1,8] [--budget-s 1] [--out results/]
@@ -16,24 +16,22 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import onnxruntime as ort
+import torch
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+from movq_deploy.backends.onnxruntime import physical_cores
+from movq_deploy.files import atomic_write_text
+from movq_deploy.manifest import EngineDir
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
 from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
-from benchmarks.latency import (  # noqa: E402
-    CONFIGS, agreement_feeds, default_engine_dir, export_fresh_models, resolve_ckpt, stage_feeds,
-)
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.subject import CONFIGS, agreement_feeds, load_subject, stage_feeds  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 from benchmarks.torch_peers import TorchPeer  # noqa: E402
-from movq_deploy.backends.onnxruntime import physical_cores  # noqa: E402
-from movq_deploy.files import atomic_write_text  # noqa: E402
-from movq_deploy.manifest import EngineDir  # noqa: E402
-from movq_deploy.models.checkpoint import load_models  # noqa: E402
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -126,6 +124,98 @@ def top_token_agreement(reference: ort.InferenceSession, candidate: ort.Inferenc
     return float((ref[masked] == cand[masked]).mean())
 
 
+def prior_variants(prior_path: Path, engine_dir: Path, graphs: dict, prior, threads: int, tmp: Path) \
+        -> "tuple[dict[str, Callable[[int], ort.InferenceSession]], dict]":
+    """The prior-step sessions to time, by name: each a maker (batch) -> session; and the BERT fusions applied."""
+    heads, width = prior.config.heads, prior.config.width
+    fused_path, fusions = fused_variant(prior_path, tmp / "prior.fused.onnx", heads, width)
+    int8_variants = {
+        "int8 per-channel, fused + pre-process (export's recipe)": dict(fuse=True, prepare=True, per_channel=True),
+        "int8 per-channel, unfused": dict(fuse=False, prepare=True, per_channel=True),
+        "int8 per-tensor, fused": dict(fuse=True, prepare=True, per_channel=False),
+        "int8 per-channel, fused, output head fp32": dict(
+            fuse=True, prepare=True, per_channel=True, fp32_head=(width, prior.config.c * prior.config.codebook_size)),
+    }
+    variants = {
+        "fp32 opt disable": lambda batch: session(prior_path, "disable", threads),
+        "fp32 opt basic": lambda batch: session(prior_path, "basic", threads),
+        "fp32 opt extended": lambda batch: session(prior_path, "extended", threads),
+        "fp32 opt all (runtime default)": lambda batch: session(prior_path, "all", threads),
+        "fp32 opt all, 1 thread": lambda batch: session(prior_path, "all", 1),
+        "fp32 opt all, no spinning": lambda batch: session(prior_path, "all", threads, spinning=False),
+        "fp32 BERT-fused + opt all": lambda batch: session(fused_path, "all", threads),
+        "fp32 opt all, batch axis fixed": lambda batch: session(prior_path, "all", threads, fixed_batch=batch),
+        "fp32 opt all, dynamic block base 4": lambda batch: session(prior_path, "all", threads, block_base=4),
+    }
+    for name, options in int8_variants.items():
+        path = quantize_variant(prior_path, tmp / f"prior.int8.{len(variants)}.onnx", heads, width, **options)
+        variants[name] = lambda batch, path=path: session(path, "all", threads)
+    if "int8" in graphs:
+        int8_path = engine_dir / graphs["int8"]["prior"]["file"]
+        variants["int8 from the engine dir"] = lambda batch: session(int8_path, "all", threads)
+    return variants, fusions
+
+
+class Recorder:
+    """Times a call until the budget and keeps its row: p50 and friends, GFLOP/s and the share of the GEMM rate."""
+
+    def __init__(self, budget_s: float, gemm_flops: float):
+        self.budget_s, self.gemm_flops, self.rows = budget_s, gemm_flops, []
+
+    def __call__(self, graph: str, variant: str, batch: int, fn, flops: float, agreement=None) -> None:
+        stats = summarize(time_calls(fn, self.budget_s), batch)
+        row = {"graph": graph, "variant": variant, "batch": batch, **stats,
+               "gflops_per_s": flops / (stats["p50_ms"] / 1e3) / 1e9,
+               "gemm_fraction": flops / (stats["p50_ms"] / 1e3) / self.gemm_flops}
+        if agreement is not None:
+            row["top_token_agreement"] = agreement
+        self.rows.append(row)
+        print(f"{graph:7s} {variant:58s} batch {batch:3d}: p50 {stats['p50_ms']:8.2f} ms "
+              f"{row['gemm_fraction']:5.0%} of GEMM" + (f"  agreement {agreement:.1%}" if agreement else ""))
+
+
+def time_prior(record: Recorder, batch: int, engines: EngineDir, eager: TorchPeer, prior_config, variants: dict,
+               reference: ort.InferenceSession) -> None:
+    feeds = stage_feeds("prior_step", batch, engines, np.random.default_rng(batch))
+    flops = prior_step_flops(prior_config, batch)["total"]
+    torch_feeds = dict(feeds)
+    record("prior", "pytorch eager fp32", batch, lambda: eager.runners["prior"].run(torch_feeds), flops)
+    for variant, make in variants.items():
+        sess = make(batch)
+        agreement = top_token_agreement(reference, sess, engines) if variant.startswith("int8") else None
+        record("prior", variant, batch, lambda: sess.run(None, feeds), flops, agreement)
+        if variant.startswith("fp32 opt all (runtime"):
+            record("prior", "fp32 opt all + I/O binding", batch, io_bound_call(sess, feeds), flops)
+
+
+def time_decoder(record: Recorder, batch: int, engines: EngineDir, eager: TorchPeer, decoder_path: Path,
+                 threads: int) -> None:
+    feeds = stage_feeds("decode", batch, engines, np.random.default_rng(batch))
+    flops = batch * counted_flops(lambda: eager.runners["decoder"].run(
+        stage_feeds("decode", 1, engines, np.random.default_rng(0))))
+    record("decoder", "pytorch eager fp32", batch, lambda: eager.runners["decoder"].run(feeds), flops)
+    for level in ("disable", "basic", "extended", "all"):
+        sess = session(decoder_path, level, threads)
+        record("decoder", f"fp32 opt {level}", batch, lambda: sess.run(None, feeds), flops)
+    sess = session(decoder_path, "all", 1)
+    record("decoder", "fp32 opt all, 1 thread", batch, lambda: sess.run(None, feeds), flops)
+
+
+def settings_table(rows: list) -> str:
+    """The Markdown table; adds each row's speed-up over PyTorch eager at its graph and batch."""
+    for row in rows:
+        base = next(r for r in rows if (r["graph"], r["batch"], r["variant"]) ==
+                    (row["graph"], row["batch"], "pytorch eager fp32"))
+        row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
+    lines = ["| graph | variant | batch | p50 ms | x eager | % GEMM | top-token agreement |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        agreement = f"{row['top_token_agreement']:.1%}" if "top_token_agreement" in row else ""
+        lines.append(f"| {row['graph']} | {row['variant']} | {row['batch']} | {row['p50_ms']:.2f} | "
+                     f"{row['speedup_vs_eager']:.2f} | {row['gemm_fraction']:.0%} | {agreement} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-dir", help="engine directory (default: as benchmarks/latency.py)")
@@ -141,100 +231,23 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory(prefix="movq-ort-settings-") as tmp:
-        tmp = Path(tmp)
-        if args.config:
-            engine_dir, ckpt = export_fresh_models(args.config, tmp)
-        else:
-            engine_dir = default_engine_dir() if args.engine_dir is None else Path(args.engine_dir)
-            ckpt = resolve_ckpt(args.ckpt, EngineDir.load(engine_dir))
-        engines = EngineDir.load(engine_dir)
-        movq, prior, _ = load_models(ckpt)
-        graphs = engines.graphs
+        engine_dir, engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(tmp))
+        engine_dir, graphs = engines.path, engines.graphs
         prior_path = engine_dir / graphs["fp32"]["prior"]["file"]
-        decoder_path = engine_dir / graphs["fp32"]["decoder"]["file"]
-        heads, width = prior.config.heads, prior.config.width
         eager = TorchPeer(movq, prior, mode="eager")
         gemm = gemm_rate(threads, budget_s=2.0)
-        gemm_flops = gemm["cpu_fp32_gflops"] * 1e9
-
-        fused_path, fusions = fused_variant(prior_path, tmp / "prior.fused.onnx", heads, width)
-        int8_variants = {
-            "int8 per-channel, fused + pre-process (export's recipe)": dict(fuse=True, prepare=True, per_channel=True),
-            "int8 per-channel, unfused": dict(fuse=False, prepare=True, per_channel=True),
-            "int8 per-tensor, fused": dict(fuse=True, prepare=True, per_channel=False),
-            "int8 per-channel, fused, output head fp32": dict(
-                fuse=True, prepare=True, per_channel=True,
-                fp32_head=(width, prior.config.c * prior.config.codebook_size)),
-        }
-        prior_sessions = {
-            "fp32 opt disable": lambda: session(prior_path, "disable", threads),
-            "fp32 opt basic": lambda: session(prior_path, "basic", threads),
-            "fp32 opt extended": lambda: session(prior_path, "extended", threads),
-            "fp32 opt all (runtime default)": lambda: session(prior_path, "all", threads),
-            "fp32 opt all, 1 thread": lambda: session(prior_path, "all", 1),
-            "fp32 opt all, no spinning": lambda: session(prior_path, "all", threads, spinning=False),
-            "fp32 BERT-fused + opt all": lambda: session(fused_path, "all", threads),
-            # made inside the batch loop below: `batch` is the batch size being timed
-            "fp32 opt all, batch axis fixed": lambda: session(prior_path, "all", threads, fixed_batch=batch),
-            "fp32 opt all, dynamic block base 4": lambda: session(prior_path, "all", threads, block_base=4),
-        }
-        for name, options in int8_variants.items():
-            path = quantize_variant(prior_path, tmp / f"prior.int8.{len(prior_sessions)}.onnx", heads, width, **options)
-            prior_sessions[name] = lambda path=path: session(path, "all", threads)
-        if "int8" in graphs:
-            int8_path = engine_dir / graphs["int8"]["prior"]["file"]
-            prior_sessions["int8 from the engine dir"] = lambda: session(int8_path, "all", threads)
-
-        rows = []
+        record = Recorder(args.budget_s, gemm["cpu_fp32_gflops"] * 1e9)
+        variants, fusions = prior_variants(prior_path, engine_dir, graphs, prior, threads, Path(tmp))
         reference = session(prior_path, "all", threads)
-
-        def record(graph, variant, batch, fn, flops, agreement=None):
-            stats = summarize(time_calls(fn, args.budget_s), batch)
-            row = {"graph": graph, "variant": variant, "batch": batch, **stats,
-                   "gflops_per_s": flops / (stats["p50_ms"] / 1e3) / 1e9,
-                   "gemm_fraction": flops / (stats["p50_ms"] / 1e3) / gemm_flops}
-            if agreement is not None:
-                row["top_token_agreement"] = agreement
-            rows.append(row)
-            print(f"{graph:7s} {variant:58s} batch {batch:3d}: p50 {stats['p50_ms']:8.2f} ms "
-                  f"{row['gemm_fraction']:5.0%} of GEMM" + (f"  agreement {agreement:.1%}" if agreement else ""))
-
         for batch in batch_sizes:
-            feeds = stage_feeds("prior_step", batch, engines, np.random.default_rng(batch))
-            flops = prior_step_flops(prior.config, batch)["total"]
-            torch_feeds = dict(feeds)
-            record("prior", "pytorch eager fp32", batch, lambda: eager.runners["prior"].run(torch_feeds), flops)
-            for variant, make in prior_sessions.items():
-                sess = make()
-                agreement = top_token_agreement(reference, sess, engines) if variant.startswith("int8") else None
-                record("prior", variant, batch, lambda: sess.run(None, feeds), flops, agreement)
-                if variant.startswith("fp32 opt all (runtime"):
-                    record("prior", "fp32 opt all + I/O binding", batch, io_bound_call(sess, feeds), flops)
+            time_prior(record, batch, engines, eager, prior.config, variants, reference)
             if not args.skip_decoder:
-                dfeeds = stage_feeds("decode", batch, engines, np.random.default_rng(batch))
-                dflops = batch * counted_flops(lambda: eager.runners["decoder"].run(
-                    stage_feeds("decode", 1, engines, np.random.default_rng(0))))
-                record("decoder", "pytorch eager fp32", batch, lambda: eager.runners["decoder"].run(dfeeds), dflops)
-                for level in ("disable", "basic", "extended", "all"):
-                    sess = session(decoder_path, level, threads)
-                    record("decoder", f"fp32 opt {level}", batch, lambda: sess.run(None, dfeeds), dflops)
-                sess = session(decoder_path, "all", 1)
-                record("decoder", "fp32 opt all, 1 thread", batch, lambda: sess.run(None, dfeeds), dflops)
+                time_decoder(record, batch, engines, eager, engine_dir / graphs["fp32"]["decoder"]["file"], threads)
 
-    for row in rows:
-        base = next(r for r in rows if (r["graph"], r["batch"], r["variant"]) ==
-                    (row["graph"], row["batch"], "pytorch eager fp32"))
-        row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
-    lines = ["| graph | variant | batch | p50 ms | x eager | % GEMM | top-token agreement |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        agreement = f"{row['top_token_agreement']:.1%}" if "top_token_agreement" in row else ""
-        lines.append(f"| {row['graph']} | {row['variant']} | {row['batch']} | {row['p50_ms']:.2f} | "
-                     f"{row['speedup_vs_eager']:.2f} | {row['gemm_fraction']:.0%} | {agreement} |")
-    table = "\n".join(lines)
+    table = settings_table(record.rows)
     print("\n" + table)
     report = {"machine": {**machine_info(), "load_average_at_end": load_average()}, "threads": threads,
-              "gemm": gemm, "bert_fusions": fusions, "model": args.config or str(ckpt), "rows": rows}
+              "gemm": gemm, "bert_fusions": fusions, "model": args.config or str(ckpt), "rows": record.rows}
     out = Path(args.out)
     atomic_write_text(out / "ort_settings.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "ort_settings.md", f"BERT fusions: {fusions}\n\n{table}\n")

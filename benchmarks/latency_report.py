@@ -1,0 +1,119 @@
+"""latency.py's report: the tables (full, short, targets), the loop-overhead line and the latency plot."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from movq_deploy.files import atomic_path
+
+STAGES = ("prior_step", "decode", "encode", "sample")
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def results_table(rows: list) -> str:
+    lines = ["| stage | backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | GFLOP/s "
+             "| % GEMM | calls |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage in STAGES:
+        for row in (r for r in rows if r["stage"] == stage):
+            head = f"| {stage} | {row['backend']} | {row['precision']} | {row['batch']} |"
+            if "skipped" in row:
+                lines.append(f"{head} skipped: {row['skipped']} |||||||")
+                continue
+            lines.append(
+                f"{head} {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row['images_per_s']:.1f}"
+                f" | {_fmt(row.get('speedup_vs_eager'), '.2f')} | {row['gflops_per_s']:.1f}"
+                f" | {row['gemm_fraction']:.0%} | {row['repeats']} |")
+    return "\n".join(lines)
+
+
+def summary_table(rows: list, batch_sizes: list) -> str:
+    """The short table: p50 of each stage and sample images/s per backend and batch."""
+    lines = ["| backend | precision | batch | prior step ms | decode ms | encode ms | sample ms | images/s "
+             "| x eager (sample) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows))
+    for backend, precision in keys:
+        for batch in batch_sizes:
+            cell = {r["stage"]: r for r in rows
+                    if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch) and "p50_ms" in r}
+            if not cell:
+                continue
+            sample = cell.get("sample", {})
+            ms = [_fmt(cell.get(s, {}).get("p50_ms"), ".2f") for s in STAGES]
+            lines.append(f"| {backend} | {precision} | {batch} | {' | '.join(ms)} | "
+                         f"{_fmt(sample.get('images_per_s'), '.1f')} | {_fmt(sample.get('speedup_vs_eager'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def targets_table(targets: list) -> str:
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    for t in targets:
+        value = t["value"]
+        shown = "not measured" if value is None else (f"{value:.1%}" if "%" in t["target"] else f"{value:.2f}x")
+        met = {True: "met", False: "**missed**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {shown}{' (' + t['detail'] + ')' if t['detail'] else ''} | {met} |")
+    return "\n".join(lines)
+
+
+def overhead_line(rows: list) -> str:
+    parts = [f"{r['backend']} {r['precision']} n={r['batch']}: {r['loop_overhead']:.1%}"
+             for r in rows if r["stage"] == "sample" and "loop_overhead" in r]
+    return "Loop overhead (share of Generator.sample outside engine calls): " + ("; ".join(parts) or "not measured")
+
+
+def plot(rows: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(4.2 * len(STAGES), 3.8))
+    for ax, stage in zip(axes, STAGES):
+        keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows if r["stage"] == stage))
+        for backend, precision in keys:
+            points = sorted((r["batch"], r["p50_ms"]) for r in rows if "p50_ms" in r and r["stage"] == stage
+                            and (r["backend"], r["precision"]) == (backend, precision))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{backend} {precision}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(stage)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def title_of(report: dict) -> str:
+    machine = report["machine"]
+    return (f"{machine['cpu_model']}, {machine['cores']} cores{', ' + machine['gpus'][0] if machine['gpus'] else ''}"
+            f" - {report['model']['config']} model, {report['settings']['steps']} steps")
+
+
+def report_markdown(report: dict) -> str:
+    """latency.md: the title, the command, the run's conditions, the tables and the backends left out."""
+    machine, gemm, rows = report["machine"], report["gemm"], report["results"]
+    settings = report["settings"]
+    start_load, end_load = ((machine[key] or [None])[0] for key in ("load_average_at_start", "load_average_at_end"))
+    load = (f"{report['started_utc']}, {report['duration_s']:.0f} s, {report['threads']} threads; load average "
+            f"(1 min) {_fmt(start_load, '.1f')} at start, {_fmt(end_load, '.1f')} at end; GEMM rate "
+            f"{gemm['cpu_fp32_gflops']:.0f} GFLOP/s fp32 CPU"
+            + (f", {gemm['gpu_fp16_gflops']:.0f} fp16 GPU" if "gpu_fp16_gflops" in gemm else ""))
+    text = [f"## Latency ({title_of(report)})", "", f"`{report['command']}`", "", load, "",
+            summary_table(rows, settings["batch_sizes"]), ""]
+    if not settings["quick"]:
+        text += [results_table(rows), ""]
+    text += [overhead_line(rows), "", targets_table(report["targets"]), ""]
+    reasons = {}  # one line per backend and reason, naming its precisions
+    for s in report["skipped_backends"]:
+        reasons.setdefault((s["backend"], s["reason"]), []).append(s["precision"])
+    text += [f"Skipped: {backend} ({', '.join(precisions)}): {reason}"
+             for (backend, reason), precisions in reasons.items()]
+    return "\n".join(text) + "\n"
