@@ -222,11 +222,12 @@ def _load_tqdm():
 
 
 class _Progress:
-    """progress(done, total) -> a tqdm bar when tqdm is installed, else a plain line every tenth of the way."""
+    """progress(done, total) -> a tqdm bar on a terminal when tqdm is installed, else (a log file, a pipe, no tqdm)
+    a plain line every tenth of the way: a log gets eleven lines, not one per engine call."""
 
     def __init__(self, description: str):
         self.description, self.bar, self.last_tenth = description, None, -1
-        self._tqdm = _load_tqdm()
+        self._tqdm = _load_tqdm() if sys.stderr.isatty() else None
 
     def __enter__(self) -> "_Progress":
         return self

@@ -34,6 +34,17 @@ def test_progress_falls_back_to_plain_lines(tiny_engines, tmp_path, capsys, monk
     assert "sampling: 3/3 engine calls" in capsys.readouterr().err
 
 
+def test_progress_into_a_log_is_a_few_plain_lines(tiny_engines, tmp_path, capsys):
+    """stderr is not a terminal here (a log file, as in make demo): a line every tenth, not one per engine call."""
+    rc = cli.main(["sample", "--engine-dir", str(tiny_engines.engine_dir), "-n", "2", "--seed", "1",
+                   "--steps", "30", "--out", str(tmp_path / "s.png")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sampling")]
+    assert "\r" not in err and 1 < len(lines) <= 11  # 31 engine calls
+    assert lines[-1] == "sampling: 31/31 engine calls"
+
+
 def test_edit_inpaints_the_masked_box(tiny_engines, tiny_generator, tmp_path):
     size = tiny_generator.image_size
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
