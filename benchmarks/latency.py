@@ -1,4 +1,4 @@
-"""Latency of every stage on every backend this machine has, side by side with PyTorch (issue 6).
+"""Latency of every stage on every backend this machine has, side by side with PyTorch.
 
     python benchmarks/latency.py [--engine-dir engines/] [--ckpt PATH] [--batch-sizes 1,16,64] [--steps 8]
                                  [--out results/] [--budget-s S] [--config tiny|paper] [--quick]
@@ -47,7 +47,6 @@ from benchmarks.timing import CallTimer, summarize, time_calls  # noqa: E402
 from benchmarks.torch_peers import TorchPeer, loop_sample  # noqa: E402
 
 EAGER, COMPILE = "pytorch-eager", "torch-compile"
-BACKEND_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 # A stage whose predicted single call (its FLOPs at this fraction of the GEMM rate) exceeds --max-call-s is skipped.
 PREDICTION_EFFICIENCY = 0.5
@@ -194,7 +193,7 @@ def time_stage(candidate: Candidate, stage: str, batch: int, engines: EngineDir,
     return summarize(times, batch)
 
 
-def run_benchmark(args, candidates, engines, flops, gemm, threads: int, log=print) -> list:
+def run_benchmark(args, candidates, engines, flops, gemm, threads: int) -> list:
     """Times every candidate's stages. The candidates take turns on each stage and batch size, so that a ratio
     between two of them compares timings taken minutes apart at most; the GEMM rate is measured again before each
     batch size and the best reading is the machine's rate (a single reading can catch a busy moment)."""
@@ -226,7 +225,7 @@ def run_benchmark(args, candidates, engines, flops, gemm, threads: int, log=prin
                 row["warmup_s"] = max(0.0, elapsed - row["mean_ms"] * row["repeats"] / 1e3)
                 row["flops"] = stage_flops_total
                 rows.append(row)
-                log(f"  {candidate.backend:17s} {candidate.precision:5s} {stage:10s} batch {batch:3d}: "
+                print(f"  {candidate.backend:17s} {candidate.precision:5s} {stage:10s} batch {batch:3d}: "
                     f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)")
     update_gemm(gemm, gemm_rate(threads, budget_s=0.4))
     for row in rows:
@@ -271,7 +270,7 @@ def top_token_agreement(fp32_runner, int8_runner, engines: EngineDir, tokens: np
 
 
 def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: list) -> list:
-    """Issue 6's CPU targets as ratios measured in this run: [{"target", "value", "met"}] (met None = not measured)."""
+    """The CPU speed targets as ratios measured in this run: [{"target", "value", "met"}] (met None = not measured)."""
     def find(backend, precision, stage, batch):
         for row in rows:
             if (row["backend"], row["precision"], row["stage"], row["batch"]) == (backend, precision, stage, batch):
@@ -316,12 +315,12 @@ def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: l
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, log=print) -> dict:
+def measure(args: argparse.Namespace) -> dict:
     """Everything latency.json records but the command and the clock: the candidates timed, their rows, targets."""
     with tempfile.TemporaryDirectory(prefix="movq-latency-") as workdir:
         if args.config:
-            log(f"exporting freshly initialized {args.config} models to a temporary engine directory ...")
-        engine_dir, engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(workdir))
+            print(f"exporting freshly initialized {args.config} models to a temporary engine directory ...")
+        engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(workdir))
         skipped: list = []
         candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
         # The PyTorch peers get the threads ONNX Runtime uses on the CPU, so both compete on equal terms.
@@ -329,15 +328,15 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         threads = (cpu.runners["prior"].session.get_session_options().intra_op_num_threads if cpu else 0)
         threads = threads or torch.get_num_threads()
         torch.set_num_threads(threads)
-        log(f"threads: {threads} (ONNX Runtime intra-op = torch.set_num_threads)")
+        print(f"threads: {threads} (ONNX Runtime intra-op = torch.set_num_threads)")
         candidates = torch_candidates(movq, prior, engines, args.steps, args.compile) + candidates
 
         machine = machine_info()
         gemm: dict = {}
         update_gemm(gemm, gemm_rate(threads, budget_s=min(2.0, 4 * args.budget_s)))
         flops = stage_flops(candidates[0], prior.config, engines, args.steps)
-        rows = run_benchmark(args, candidates, engines, flops, gemm, threads, log)
-        log(f"GEMM rate (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.1f} GFLOP/s fp32 CPU"
+        rows = run_benchmark(args, candidates, engines, flops, gemm, threads)
+        print(f"GEMM rate (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.1f} GFLOP/s fp32 CPU"
             + (f", {gemm['gpu_fp16_gflops']:.0f} GFLOP/s fp16 GPU" if 'gpu_fp16_gflops' in gemm else ""))
 
         int8_agreement = None

@@ -9,8 +9,8 @@ from movq_deploy.files import atomic_path
 STAGES = ("prior_step", "decode", "encode", "sample")
 
 
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
 def results_table(rows: list) -> str:

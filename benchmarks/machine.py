@@ -118,8 +118,8 @@ def gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dict:
     """Dense GEMM rate of this machine, in GFLOP/s, measured with the libraries the backends use.
 
     CPU: fp32 square matmul of `size` with numpy (its BLAS), torch (`threads` threads) and ONNX Runtime (MLAS,
-    `threads` intra-op threads); the fastest is the reference (on the 2-core AVX-512 EPYC, MLAS ran ~1.8x numpy's
-    and ~2.1x torch's rate). GPU (when torch sees CUDA): fp16 matmul on the tensor cores, size 8192.
+    `threads` intra-op threads); the fastest is the reference (BENCHMARKS.md has the readings). GPU (when torch
+    sees CUDA): fp16 matmul on the tensor cores, size 8192.
     """
     result: dict = {"size": size, "threads": threads}
     flops = 2.0 * size**3

@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory(prefix="movq-ort-settings-") as tmp:
-        engine_dir, engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(tmp))
+        engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(tmp))
         engine_dir, graphs = engines.path, engines.graphs
         prior_path = engine_dir / graphs["fp32"]["prior"]["file"]
         eager = TorchPeer(movq, prior, mode="eager")

@@ -2,9 +2,10 @@
 
     python benchmarks/step_tail.py [--shapes 8x256x512,64x256x512,1x1024x1024] [--threads 2]
 
-ONNX Runtime's CPU profile of the tiny prior step puts ~25% of its time in the CumSum over K (B*N*K elements),
-more than the attention. A two-level draw gives the same token: block totals (K/32 blocks of 32 codes), CumSum over
-the blocks, pick the block, CumSum inside that block only: B*N*(K/32 + 32) cumulated elements instead of B*N*K.
+ONNX Runtime's CPU profile of the tiny prior step puts much of its time in the CumSum over K (B*N*K elements;
+BENCHMARKS.md has the profile). A two-level draw gives the same token: block totals (K/32 blocks of 32 codes),
+CumSum over the blocks, pick the block, CumSum inside that block only: B*N*(K/32 + 32) cumulated elements instead
+of B*N*K.
 This script exports both forms (logits [B,N,K], uniform [B,N] -> token [B,N]) and times them, with their agreement.
 """
 from __future__ import annotations

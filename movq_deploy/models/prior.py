@@ -192,11 +192,10 @@ class MaskGITPrior(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float,
-                             betas: "tuple[float, float]" = (0.9, 0.96)) -> torch.optim.AdamW:
-        """AdamW with weight decay on the matrices only: no decay on biases, norms and embeddings (as nanoGPT and
-        MaskGIT)."""
+    def configure_optimizers(self, weight_decay: float, learning_rate: float) -> torch.optim.AdamW:
+        """AdamW (MaskGIT's betas) with weight decay on the matrices only: no decay on biases, norms and embeddings
+        (as nanoGPT and MaskGIT)."""
         decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
         return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=betas)
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.96))

@@ -78,12 +78,15 @@ def batch_indices(step: int, batch_size: int, rank: int, world_size: int) -> ran
     return range(start, start + batch_size)
 
 
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `floor`."""
+LR_FLOOR = 0.1  # the cosine decay ends at a tenth of the peak learning rate
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to LR_FLOOR."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ STAGE = "prior"
 RESUME_FILE = "resume_prior.pt"
 CACHE_FILE = "prior_tokens.pt"
 EVAL_SEED = 1234  # fixed masks for the held-out accuracy, so start and end are comparable
+ENCODE_BATCH = 256  # token grids per call when encoding crops or measuring accuracy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +95,12 @@ def tokenizer_digest(state: dict) -> str:
 
 
 @torch.no_grad()
-def encode_all(movq: MoVQ, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+def encode_all(movq: MoVQ, images: np.ndarray) -> torch.Tensor:
     """uint8 [M, H, W, 3] -> int64 tokens [M, N] (row-major over (h, w, c))."""
     device = next(movq.parameters()).device
     out = []
-    for start in range(0, len(images), batch_size):
-        out.append(movq.encode(to_tensor(images[start:start + batch_size]).to(device)).flatten(1).cpu())
+    for start in range(0, len(images), ENCODE_BATCH):
+        out.append(movq.encode(to_tensor(images[start:start + ENCODE_BATCH]).to(device)).flatten(1).cpu())
     return torch.cat(out)
 
 
@@ -127,19 +128,19 @@ def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: 
 
 
 @torch.no_grad()
-def masked_accuracy(prior: MaskGITPrior, tokens: torch.Tensor, labels: torch.Tensor | None, repeats: int = 4,
-                    batch_size: int = 256) -> float:
-    """Accuracy of the argmax prediction on masked slots, with masks drawn from the training schedule (fixed seed)."""
+def masked_accuracy(prior: MaskGITPrior, tokens: torch.Tensor, labels: torch.Tensor | None) -> float:
+    """Accuracy of the argmax prediction on masked slots, with masks drawn from the training schedule (fixed seed,
+    4 draws per grid)."""
     was_training = prior.training
     prior.eval()
     device = next(prior.parameters()).device
     generator = torch.Generator().manual_seed(EVAL_SEED)
     correct = total = 0
-    for _ in range(repeats):
-        for start in range(0, len(tokens), batch_size):
-            target = tokens[start:start + batch_size].to(device)
+    for _ in range(4):
+        for start in range(0, len(tokens), ENCODE_BATCH):
+            target = tokens[start:start + ENCODE_BATCH].to(device)
             inputs, masked = mask_tokens(target, prior.config.mask_id, generator)
-            y = labels[start:start + batch_size].to(device) if labels is not None else None
+            y = labels[start:start + ENCODE_BATCH].to(device) if labels is not None else None
             hits = prior(inputs, y).argmax(-1) == target
             correct += int(hits[masked].sum())
             total += int(masked.sum())

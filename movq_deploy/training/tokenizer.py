@@ -38,6 +38,7 @@ from movq_deploy.training.perceptual import load_perceptual
 
 STAGE = "tokenizer"
 RESUME_FILE = "resume_tokenizer.pt"
+EVAL_BATCH = 64  # held-out crops encoded and decoded per call
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perceptual-weights", default=None, help="torchvision vgg16-397923af.pth (default: torch hub "
                                                               "cache); nothing is downloaded")
     p.add_argument("--disc-start", type=int, default=None,
-                   help="step the PatchGAN discriminator starts at (default: off). VQGAN starts it late; in a 500-step\n"
-                        "tiny run, starting it at step 300 cost 1.5 dB held-out PSNR and 60%% more time per step")
+                   help="step the PatchGAN discriminator starts at (default: off; VQGAN starts it late). In short tiny\n"
+                        "runs it costs PSNR and time per step: see BENCHMARKS.md")
     p.add_argument("--disc-weight", type=float, default=0.1, help="GAN weight, times the adaptive weight")
     p.add_argument("--disc-channels", type=int, default=64)
     p.add_argument("--disc-layers", type=int, default=2)
@@ -94,15 +95,15 @@ def restart_dead_codes(codebook: torch.Tensor, counts: torch.Tensor, z: torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: MoVQ, eval_set: HeldOutCrops, batch_size: int = 64) -> dict:
+def evaluate(model: MoVQ, eval_set: HeldOutCrops) -> dict:
     """Held-out reconstruction: PSNR (uint8, as deployed), codebook usage; also returns the images."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     originals, _ = eval_set.arrays()
     recons, counts = [], torch.zeros(model.config.codebook_size, dtype=torch.int64)
-    for start in range(0, len(originals), batch_size):
-        indices = model.encode(to_tensor(originals[start:start + batch_size]).to(device))
+    for start in range(0, len(originals), EVAL_BATCH):
+        indices = model.encode(to_tensor(originals[start:start + EVAL_BATCH]).to(device))
         recons.append(to_uint8(model.decode(indices)))
         counts += torch.bincount(indices.flatten().cpu(), minlength=model.config.codebook_size)
     model.train(was_training)
@@ -112,8 +113,9 @@ def evaluate(model: MoVQ, eval_set: HeldOutCrops, batch_size: int = 64) -> dict:
             "originals": originals, "reconstructions": recons}
 
 
-def save_grid(path: Path, originals: np.ndarray, recons: np.ndarray, columns: int = 8, count: int = 16) -> None:
-    """Rows of `columns` originals, each followed by a row of their reconstructions (count images, evenly picked)."""
+def save_grid(path: Path, originals: np.ndarray, recons: np.ndarray) -> None:
+    """Rows of 8 originals, each followed by a row of their reconstructions (16 images, evenly picked)."""
+    columns, count = 8, 16
     pick = np.linspace(0, len(originals) - 1, min(count, len(originals))).round().astype(int)
     rows = []
     for start in range(0, len(pick), columns):
