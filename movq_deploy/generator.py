@@ -51,7 +51,7 @@ class Generator:
         precision: str = "auto",
         batch_size: Optional[int] = None,
     ):
-        if batch_size is not None and not (sampling._is_int(batch_size) and batch_size > 0):
+        if batch_size is not None and not (sampling.is_int(batch_size) and batch_size > 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.engine_dir = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.load(engine_dir)
         self.backend = open_runners(self.engine_dir, backend=backend, precision=precision)
@@ -181,7 +181,7 @@ class Generator:
         images' tokens). The other arguments are `sample`'s.
         """
         check_output_type(output_type, OUTPUT_TYPES)
-        if not (sampling._is_int(feather) and feather >= 0):
+        if not (sampling.is_int(feather) and feather >= 0):
             raise ValueError(f"feather must be a non-negative int (pixels), got {feather!r}")
         decode = output_type != "tokens"
         if paste_original and not decode:

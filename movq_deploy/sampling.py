@@ -144,7 +144,7 @@ def sample_tokens(
 
     `edit_tokens` with every slot masked: see there for the arguments.
     """
-    if not (_is_int(n) and n >= 0):
+    if not (is_int(n) and n >= 0):
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     tokens = np.full((n, num_slots), mask_id, dtype=np.int32)
     slot_mask = np.ones((n, num_slots), dtype=bool)
@@ -175,7 +175,7 @@ def edit_tokens(
     class ids (see `resolve_class_labels`) or None; temperature and choice_temperature: one number, or one per image.
     """
     steps, seed = check_steps(steps), check_seed(seed)
-    if not (_is_int(first_index) and first_index >= 0):
+    if not (is_int(first_index) and first_index >= 0):
         raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
     tokens = np.asarray(tokens)
     slot_mask = np.asarray(slot_mask)
@@ -275,13 +275,13 @@ def check_options(
 
 
 def check_count(n) -> int:
-    if not (_is_int(n) and n > 0):
+    if not (is_int(n) and n > 0):
         raise ValueError(f"n must be a positive int, got {n!r}")
     return int(n)
 
 
 def check_steps(steps) -> int:
-    if not (_is_int(steps) and steps > 0):
+    if not (is_int(steps) and steps > 0):
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     return int(steps)
 
@@ -290,7 +290,7 @@ def check_seed(seed) -> int:
     """The seed as an int; None draws a fresh one."""
     if seed is None:
         return secrets.randbits(63)
-    if not (_is_int(seed) and seed >= 0):
+    if not (is_int(seed) and seed >= 0):
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
     return int(seed)
 
@@ -338,7 +338,7 @@ def class_ids(class_labels, n: int, num_classes: int, class_names: Sequence[str]
             if label not in class_names:
                 raise ValueError(f"unknown class name {label!r}; this model knows {len(class_names)} names")
             ids.append(list(class_names).index(label))
-        elif _is_int(label):
+        elif is_int(label):
             if not 0 <= label < num_classes:
                 raise ValueError(f"class label {label} is out of range: this model has {num_classes} classes "
                                  f"(0..{num_classes - 1}; None for no class)")
@@ -371,5 +371,5 @@ def resolve_class_labels(class_labels, n: int, num_classes: int) -> Optional[np.
     return labels.astype(np.int32)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -146,3 +146,14 @@ def test_extend_canvas_for_outpainting(tiny_generator):
 def test_to_bool_masks_thresholds_l_images():
     mask = Image.fromarray(np.array([[0, 127], [128, 255]], np.uint8), "L")
     assert to_bool_masks(mask, 1, 2).tolist() == [[[False, False], [True, True]]]
+
+
+def test_edit_tokens_is_edit_with_output_type_tokens(tiny_generator):
+    images = _images(2, tiny_generator.image_size, seed=3)
+    masks = _box_masks(2, tiny_generator.image_size, (0, 0, 8, 8))
+    tokens = tiny_generator.edit(images, masks, steps=2, seed=1, output_type="tokens")
+    assert tokens.shape == (2, tiny_generator.num_slots) and tokens.dtype == np.int32
+    assert np.array_equal(tokens, tiny_generator.edit_tokens(images, masks, steps=2, seed=1))
+    with pytest.raises(ValueError) as excinfo:
+        tiny_generator.edit(images, masks, output_type="tokens", paste_original=True)
+    assert "paste_original" in _one_line_error(excinfo)

@@ -269,3 +269,47 @@ def test_int8_precision_uses_the_int8_prior(tiny_engines, tiny_generator):
     with pytest.raises(FileNotFoundError) as excinfo:  # this engine dir was exported without --fp16
         Generator(tiny_engines.engine_dir, precision="fp16")
     assert "fp16" in _one_line_error(excinfo)
+
+
+def test_output_type_tokens_and_the_token_twin(tiny_engines):
+    generator = Generator(tiny_engines.engine_dir, backend="onnxruntime-cpu", batch_size=2)
+    calls = []
+    tokens = generator.sample(n=3, steps=2, seed=4, output_type="tokens", progress=lambda *call: calls.append(call))
+    assert tokens.dtype == np.int32 and tokens.shape == (3, generator.num_slots)
+    assert calls[-1] == (4, 4)  # 2 chunks x 2 prior steps, no decoder call
+    assert np.array_equal(tokens, generator.sample_tokens(n=3, steps=2, seed=4))
+
+
+def test_sampling_defaults_come_from_the_engine_dir(tiny_engines, tiny_generator, tmp_path):
+    engine_dir = _copy_engines(tiny_engines, tmp_path)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest["sampling"] = {"steps": 3, "temperature": 0.7, "choice_temperature": 2.0}
+    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    custom = Generator(engine_dir, backend="onnxruntime-cpu")
+    assert custom.default_steps == 3
+    explicit = tiny_generator.sample_tokens(n=2, seed=1, steps=3, temperature=0.7, choice_temperature=2.0)
+    assert np.array_equal(custom.sample_tokens(n=2, seed=1), explicit)
+    assert not np.array_equal(tiny_generator.sample_tokens(n=2, seed=1, steps=3), explicit)
+
+
+def test_per_image_temperatures_equal_one_call_per_temperature(tiny_generator):
+    mixed = tiny_generator.sample_tokens(n=3, steps=3, seed=2, temperature=[1.0, 0.5, 1.0],
+                                         choice_temperature=[4.5, 4.5, 0.0])
+    plain = tiny_generator.sample_tokens(n=3, steps=3, seed=2, temperature=1.0, choice_temperature=4.5)
+    cold = tiny_generator.sample_tokens(n=3, steps=3, seed=2, temperature=0.5, choice_temperature=4.5)
+    noiseless = tiny_generator.sample_tokens(n=3, steps=3, seed=2, temperature=1.0, choice_temperature=0.0)
+    assert np.array_equal(mixed[0], plain[0]) and np.array_equal(mixed[1], cold[1])
+    assert np.array_equal(mixed[2], noiseless[2]) and not np.array_equal(cold[1], plain[1])
+    with pytest.raises(ValueError) as excinfo:
+        tiny_generator.sample_tokens(n=3, temperature=[1.0, 2.0])
+    assert "temperature must be one number or 3" in _one_line_error(excinfo)
+
+
+def test_with_block_closes_the_runners(tiny_engines):
+    closed = []
+    with Generator(tiny_engines.engine_dir, backend="onnxruntime-cpu") as generator:
+        for name, runner in generator.backend.runners.items():
+            runner.close = lambda name=name: closed.append(name)  # records the call (the real close frees memory)
+        generator.sample_tokens(n=1, steps=1, seed=0)
+        assert closed == []
+    assert sorted(closed) == ["decoder", "encoder", "prior"]
