@@ -9,7 +9,8 @@ one. See docs/SERVING.md.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -85,6 +86,37 @@ def build_app(service: ServiceConfig, scale: ScaleConfig = ScaleConfig(), cluste
     else:
         options["num_replicas"] = scale.replicas
     return MovqDeployment.options(**options).bind(service.to_dict())
+
+
+def app_builder(args: dict):
+    """Ray Serve's application builder, for `serve run` and KubeRay's serveConfigV2 (args are strings there):
+
+        serve run movq_deploy.serving.app:app_builder engine_dir=/models/engines replicas=2
+    """
+    import ray
+
+    known = _names(ServiceConfig) | _names(ScaleConfig)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    service = _from_strings(ServiceConfig, {k: v for k, v in args.items() if k in _names(ServiceConfig)})
+    scale = _from_strings(ScaleConfig, {k: v for k, v in args.items() if k in _names(ScaleConfig)})
+    return build_app(service, scale, ray.cluster_resources().get("GPU", 0.0))
+
+
+def _names(cls) -> "set[str]":
+    return {field.name for field in fields(cls)}
+
+
+def _from_strings(cls, args: dict):
+    """cls(**args) with string values converted to each field's type (int, float, str, or Optional of them)."""
+    hints = typing.get_type_hints(cls)
+    converted = {}
+    for name, value in args.items():
+        kind = hints[name]
+        kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)  # Optional[X] -> X
+        converted[name] = kind(value) if isinstance(value, str) and kind in (int, float) else value
+    return cls(**converted)
 
 
 def start(service: ServiceConfig, scale: ScaleConfig = ScaleConfig(), host: str = "127.0.0.1", port: int = 8000,

@@ -125,3 +125,15 @@ def test_the_only_replica_killed_answers_again_within_30_s(tiny_engines, serve_p
         assert httpx.get(f"{url}/v1/info", timeout=TIMEOUT).json()["pid"] != pid
     finally:
         serve.delete("one")
+
+
+def test_the_application_builder_takes_string_settings(tiny_engines, ray_address):
+    from movq_deploy.serving.app import app_builder
+
+    app = app_builder({"engine_dir": str(tiny_engines.engine_dir), "replicas": "2", "request_timeout_s": "5",
+                       "num_cpus": "0.5"})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown argument.*path"):
+        app_builder({"engine_dir": str(tiny_engines.engine_dir), "path": "/etc"})
+    with pytest.raises(ValueError, match="min_replicas"):
+        app_builder({"engine_dir": str(tiny_engines.engine_dir), "min_replicas": "1"})
