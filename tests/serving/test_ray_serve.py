@@ -135,5 +135,5 @@ def test_the_application_builder_takes_string_settings(tiny_engines, ray_address
     assert type(app).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown argument.*path"):
         app_builder({"engine_dir": str(tiny_engines.engine_dir), "path": "/etc"})
-    with pytest.raises(ValueError, match="min_replicas"):
+    with pytest.raises(ValueError, match="min-replicas"):
         app_builder({"engine_dir": str(tiny_engines.engine_dir), "min_replicas": "1"})
