@@ -40,8 +40,8 @@ class SampleBody(BaseModel):
     seed: Optional[StrictInt] = None
     class_labels: Union[Label, List[Label]] = None
     steps: Optional[StrictInt] = None
-    temperature: Number = 1.0
-    choice_temperature: Number = 4.5
+    temperature: Union[Number, List[Number], None] = None  # one, or one per image; None: the engine dir's default
+    choice_temperature: Union[Number, List[Number], None] = None
     format: Literal["json", "png"] = "json"
 
 
@@ -76,8 +76,8 @@ def build_api(service: ImageService) -> FastAPI:
         seed: Optional[int] = Form(None),
         class_label: Optional[str] = Form(None),
         steps: Optional[int] = Form(None),
-        temperature: float = Form(1.0),
-        choice_temperature: float = Form(4.5),
+        temperature: Optional[float] = Form(None),
+        choice_temperature: Optional[float] = Form(None),
         paste_original: bool = Form(False),
         feather: int = Form(2),
         format: Literal["json", "png"] = Form("json"),

@@ -43,8 +43,8 @@ class BulkConfig:
     seed: int
     class_labels: Optional[Sequence[Union[int, str]]] = None  # image i gets class_labels[i % len]; None: no class
     steps: Optional[int] = None
-    temperature: float = 1.0
-    choice_temperature: float = 4.5
+    temperature: Optional[float] = None  # None: the engine directory's default
+    choice_temperature: Optional[float] = None
     shard_size: int = 1000
     backend: str = "auto"
     precision: str = "auto"
@@ -107,16 +107,16 @@ def write_shard(generator, config: BulkConfig, shard: int) -> int:
     partial = out / f".shard-{shard:05d}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    step_fn, steps = prior_step_fn(generator), generator.sampling_options(1, config.steps, 0).steps
+    step_fn = prior_step_fn(generator)
     for first in range(start, stop, generator.batch_size):  # one prior batch at a time: memory stays bounded
         count = min(generator.batch_size, stop - first)
-        labels = None
-        if config.class_labels is not None:
-            labels = sampling.class_ids([config.image_label(i) for i in range(first, first + count)], count,
-                                        generator.num_classes, generator.class_names)
-        tokens = sampling.sample_tokens(step_fn, count, generator.num_slots, generator.mask_id, steps, config.seed,
-                                        labels, config.temperature, config.choice_temperature,
-                                        max_batch=generator.batch_size, first_index=first)
+        labels = None if config.class_labels is None else [config.image_label(i) for i in range(first, first + count)]
+        options = generator.sampling_options(count, config.steps, config.seed, labels, config.temperature,
+                                             config.choice_temperature)  # None: the engine directory's defaults
+        tokens = sampling.sample_tokens(step_fn, count, generator.num_slots, generator.mask_id, options.steps,
+                                        options.seed, options.class_labels, options.temperature,
+                                        options.choice_temperature, max_batch=generator.batch_size,
+                                        first_index=first)
         for offset, pixels in enumerate(generator.decode(tokens, output_type="np")):
             Image.fromarray(pixels).save(partial / image_file(first + offset), format="PNG")
     os.replace(partial, shard_dir(out, shard))

@@ -39,8 +39,8 @@ def add_serving_commands(command: AddCommand) -> None:
     sub.add_argument("--class-labels", nargs="+", default=None,
                      help="class ids or names, cycled over the images (default: no class)")
     sub.add_argument("--steps", type=int, default=None)
-    sub.add_argument("--temperature", type=float, default=1.0)
-    sub.add_argument("--choice-temperature", type=float, default=4.5)
+    sub.add_argument("--temperature", type=float, default=None, help="default: the engine directory's")
+    sub.add_argument("--choice-temperature", type=float, default=None, help="default: the engine directory's")
     sub.add_argument("--shard-size", type=int, default=1000, help="images per shard folder (default 1000)")
     sub.add_argument("--workers", type=int, default=None, help="Generators (default: one per GPU, else per CPU)")
     sub.add_argument("--cpus-per-worker", type=float, default=1.0)

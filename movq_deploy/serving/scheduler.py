@@ -5,8 +5,8 @@ so nothing ties an image to the other images of its batch. The scheduler keeps u
 engine loop (a thread) repeats:
 
 1. admit waiting images (first in, first out) into the free slots, at the step boundary;
-2. advance every active image by one step in one prior call (rows of different temperatures in separate calls
-   until the graph takes per-row temperatures);
+2. advance every active image by one step in one prior call (the graph takes a temperature and a confidence-noise
+   scale per row);
 3. decode the images that finished their T steps, in batches.
 
 Requests come in from any thread or from asyncio (`Job.wait`), and get a concurrent.futures.Future. Waiting images are
@@ -26,10 +26,10 @@ from typing import Deque, Dict, List, Optional
 
 import numpy as np
 
-from movq_deploy import sampling
+from movq_deploy import contract, sampling
 from movq_deploy.generator import Generator
 from movq_deploy.images import paste_outside_mask, to_bool_masks, to_uint8_images
-from movq_deploy.serving.steps import prior_step_fn
+from movq_deploy.serving.steps import of_image
 
 logger = logging.getLogger("movq_deploy")
 
@@ -74,10 +74,7 @@ class Job:
 @dataclass(eq=False)
 class _Request:
     job: Job
-    steps: int
-    labels: Optional[np.ndarray]  # int32 [n], None for an unconditional prior
-    temperature: float
-    choice_temperature: float
+    options: sampling.SamplingOptions  # checked: steps, seed, class ids, temperatures (one or one per image)
     slot_mask: np.ndarray  # bool [n, N]: True = to generate (all True for a sample)
     pixels: Optional[np.ndarray] = None  # uint8 [n,H,W,3], edits only (encoded when first admitted)
     pixel_masks: Optional[np.ndarray] = None  # bool [n,H,W], edits only
@@ -103,6 +100,9 @@ class _Image:
     counts: np.ndarray  # int64 [T]: re-masked slots after each step
     uniform: np.ndarray  # f32 [T, N]
     gumbel: np.ndarray  # f32 [T, N]
+    temperature: float  # of the token draw
+    choice_temperature: float  # of the confidence noise
+    label: Optional[int]  # prior class id, None for an unconditional prior
     step: int = 0
     finished_at: int = 0  # the prior call count when it finished (for the decode wait)
 
@@ -113,7 +113,7 @@ class Scheduler:
     def __init__(self, generator: Generator, config: SchedulerConfig = SchedulerConfig()):
         self.generator = generator
         self.config = config
-        self._prior_step = prior_step_fn(generator)
+        self._prior_step = contract.runner_step_fn(generator.backend.runners["prior"])
         self._waiting: Deque[_Request] = collections.deque()
         self._queued_images = 0  # images of waiting requests not admitted yet
         self._active: List[_Image] = []
@@ -126,14 +126,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------------- requests
     def submit_sample(self, n: int = 1, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
-                      temperature: float = 1.0, choice_temperature: float = 4.5) -> Job:
+                      temperature=None, choice_temperature=None) -> Job:
         """Queues n new images; image i equals `Generator.sample(n, seed=seed, ...)[i]` (same steps, labels...)."""
         n = self._check_count(n)
         slot_mask = np.ones((n, self.generator.num_slots), dtype=bool)
         return self._submit("sample", n, steps, seed, class_labels, temperature, choice_temperature, slot_mask)
 
     def submit_edit(self, images, masks, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
-                    temperature: float = 1.0, choice_temperature: float = 4.5, paste_original: bool = False,
+                    temperature=None, choice_temperature=None, paste_original: bool = False,
                     feather: int = 2) -> Job:
         """Queues an edit; the result equals `Generator.edit(images, masks, seed=seed, ...)` with the same arguments."""
         size = self.generator.image_size
@@ -149,10 +149,9 @@ class Scheduler:
 
     def _submit(self, kind, n, steps, seed, class_labels, temperature, choice_temperature, slot_mask,
                 **edit) -> Job:
-        # seed None: a fresh seed, returned in the Job
+        # None takes the engine directory's defaults, and a fresh seed (returned in the Job).
         options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
-        request = _Request(Job(kind, n, options.seed), options.steps, options.class_labels, options.temperature,
-                           options.choice_temperature, slot_mask, remaining=n, **edit)
+        request = _Request(Job(kind, n, options.seed), options, slot_mask, remaining=n, **edit)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")
@@ -254,10 +253,13 @@ class Scheduler:
         for request, position in admitted:
             if request.tokens is None:
                 self._prepare_tokens(request)
-            tokens = request.tokens[position]
-            counts = sampling.remask_counts(int(request.slot_mask[position].sum()), request.steps)
-            uniform, gumbel = sampling.draw_noise(request.job.seed, [position], request.steps, len(tokens))
-            image = _Image(request, position, tokens.copy(), counts, uniform[0], gumbel[0])
+            tokens, options = request.tokens[position], request.options
+            counts = sampling.remask_counts(int(request.slot_mask[position].sum()), options.steps)
+            uniform, gumbel = sampling.draw_noise(options.seed, [position], options.steps, len(tokens))
+            label = None if options.class_labels is None else int(options.class_labels[position])
+            image = _Image(request, position, tokens.copy(), counts, uniform[0], gumbel[0],
+                           of_image(options.temperature, position), of_image(options.choice_temperature, position),
+                           label)
             if request.slot_mask[position].any():
                 self._active.append(image)
             else:  # nothing to generate: the reconstruction, as Generator.edit gives it
@@ -280,47 +282,31 @@ class Scheduler:
         self._finished = collections.deque(kept)
 
     def _step(self, _requests) -> None:
-        """One prior call per temperature among the active images; each image advances by one of its own steps."""
-        by_temperature: Dict[float, List[_Image]] = collections.defaultdict(list)
-        for image in self._active:
-            by_temperature[image.request.temperature].append(image)
-        for temperature, images in by_temperature.items():
-            self._step_rows(images, temperature)
-        self._prior_calls += 1
-        still_active = []
-        for image in self._active:
-            if image.step == len(image.counts):
-                image.finished_at = self._prior_calls
-                self._finished.append(image)
-            else:
-                still_active.append(image)
-        self._active = still_active
-
-    def _step_rows(self, images: List[_Image], temperature: float) -> None:
-        # The per-row confidence-noise scale is applied on the host: the graph's choice_scale * gumbel is one fp32
-        # multiply, so float32(scale) * gumbel here, then a scale of exactly 1 in the graph, gives the same bits.
-        scaled_gumbel = [
-            image.gumbel[image.step] * np.float32(
-                sampling.choice_scale(image.step, len(image.counts), image.request.choice_temperature))
-            for image in images
-        ]
-        labels = None
-        if images[0].request.labels is not None:
-            labels = np.array([image.request.labels[image.position] for image in images], dtype=np.int32)  # (B,)
+        """One prior call for every active image; each advances by one of its own steps."""
+        images = self._active
+        labels = None if images[0].label is None else np.array([image.label for image in images], dtype=np.int32)
         sampled, confidence = self._prior_step(
             np.stack([image.tokens for image in images]),  # (B, N) int32
-            labels,
+            labels,  # (B,) or None
             np.stack([image.uniform[image.step] for image in images]),  # (B, N) f32
-            np.stack(scaled_gumbel),  # (B, N) f32
-            temperature, 1.0,
+            np.stack([image.gumbel[image.step] for image in images]),  # (B, N) f32
+            np.array([image.temperature for image in images]),  # (B,)
+            np.array([sampling.choice_scale(image.step, len(image.counts), image.choice_temperature)
+                      for image in images]),  # (B,): each image at its own step of its own schedule
         )
         counts = np.array([image.counts[image.step] for image in images])  # (B,)
         remask = sampling.select_remask(confidence, counts)
         tokens = np.where(remask, np.int32(self.generator.mask_id), sampled).astype(np.int32)
-        for image, row in zip(images, tokens):
-            image.tokens = row
-            image.step += 1
+        self._prior_calls += 1
         self._stats["prior_rows"] += len(images)
+        self._active = []
+        for image, row in zip(images, tokens):
+            image.tokens, image.step = row, image.step + 1
+            if image.step == len(image.counts):
+                image.finished_at = self._prior_calls
+                self._finished.append(image)
+            else:
+                self._active.append(image)
 
     def _decode_due(self) -> bool:
         if not self._finished:

@@ -102,7 +102,7 @@ class ImageService:
         return self.scheduler is None or self.scheduler.alive
 
     async def sample(self, n: int = 1, seed: Optional[int] = None, class_labels=None, steps: Optional[int] = None,
-                     temperature: float = 1.0, choice_temperature: float = 4.5) -> Tuple[np.ndarray, int]:
+                     temperature=None, choice_temperature=None) -> Tuple[np.ndarray, int]:
         self._check_steps(steps)
         if self.scheduler is not None:
             job = self.scheduler.submit_sample(n, steps, seed, class_labels, temperature, choice_temperature)
@@ -110,13 +110,13 @@ class ImageService:
         args = self._sample_args(n, seed, class_labels, steps, temperature, choice_temperature)
         with self._holding(args.n):
             if self.config.batching == "request":
-                return await self._bounded(self._batched(args)), args.seed
+                return await self._bounded(self._batched(args)), args.options.seed
             async with self._lock:
                 images = await self._bounded(asyncio.to_thread(sample_batch, self.generator, [args]))
-            return images[0], args.seed
+            return images[0], args.options.seed
 
     async def edit(self, images: np.ndarray, masks: np.ndarray, seed: Optional[int] = None, class_labels=None,
-                   steps: Optional[int] = None, temperature: float = 1.0, choice_temperature: float = 4.5,
+                   steps: Optional[int] = None, temperature=None, choice_temperature=None,
                    paste_original: bool = False, feather: int = 2) -> Tuple[np.ndarray, int]:
         self._check_steps(steps)
         kwargs = dict(steps=steps, class_labels=class_labels, temperature=temperature,
@@ -139,9 +139,8 @@ class ImageService:
 
     def _sample_args(self, n, seed, class_labels, steps, temperature, choice_temperature) -> SampleArgs:
         n = self.check_count(n)
-        options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
-        return SampleArgs(n, options.steps, options.seed, options.class_labels, options.temperature,
-                          options.choice_temperature)
+        return SampleArgs(n, self.generator.sampling_options(n, steps, seed, class_labels, temperature,
+                                                             choice_temperature))
 
     def check_count(self, n) -> int:
         """n as an int in [1, max_request_images], or ValueError."""

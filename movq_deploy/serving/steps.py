@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -26,33 +26,31 @@ class SampleArgs:
     """One sample request, checked: image i of it uses noise stream (seed, i)."""
 
     n: int
-    steps: int
-    seed: int
-    labels: Optional[np.ndarray]  # int32 [n], None for an unconditional prior
-    temperature: float
-    choice_temperature: float
+    options: sampling.SamplingOptions
 
 
 def sample_batch(generator: Generator, requests: List[SampleArgs]) -> List[np.ndarray]:
     """Runs several sample requests as one batch: uint8 [n,H,W,3] per request, equal to Generator.sample's images.
 
-    Rows sharing (steps, temperature, choice_temperature) share every prior call, in chunks of the generator's batch
-    size; all rows are decoded together at the end.
+    Rows with the same step count share every prior call (temperatures and labels are per row), in chunks of the
+    generator's batch size; all rows are decoded together at the end.
     """
     step_fn = prior_step_fn(generator)
     rows: List[Tuple[int, int]] = [(r, i) for r, request in enumerate(requests) for i in range(request.n)]
-    groups: Dict[tuple, List[int]] = collections.defaultdict(list)
+    by_steps: Dict[int, List[int]] = collections.defaultdict(list)
     for row, (r, _) in enumerate(rows):
-        request = requests[r]
-        groups[(request.steps, request.temperature, request.choice_temperature)].append(row)
+        by_steps[requests[r].options.steps].append(row)
     tokens = np.full((len(rows), generator.num_slots), generator.mask_id, dtype=np.int32)
-    for (steps, temperature, choice_temperature), members in groups.items():
+    for steps, members in by_steps.items():
         for start in range(0, len(members), generator.batch_size):
             chunk = members[start:start + generator.batch_size]
-            uniform, gumbel = _noise([rows[row] for row in chunk], requests, steps, generator.num_slots)
+            options = [(requests[rows[row][0]].options, rows[row][1]) for row in chunk]  # (options, image index)
+            uniform, gumbel = _noise(options, steps, generator.num_slots)
             labels = None
-            if requests[0].labels is not None:
-                labels = np.array([requests[rows[row][0]].labels[rows[row][1]] for row in chunk], dtype=np.int32)
+            if options[0][0].class_labels is not None:
+                labels = np.array([o.class_labels[i] for o, i in options], dtype=np.int32)  # (B,)
+            temperature = np.array([of_image(o.temperature, i) for o, i in options])  # (B,)
+            choice_temperature = np.array([of_image(o.choice_temperature, i) for o, i in options])  # (B,)
             tokens[chunk] = sampling.unmask(step_fn, tokens[chunk], generator.mask_id, uniform, gumbel, labels,
                                             temperature, choice_temperature)
     images = generator.decode(tokens, output_type="np")  # (rows, H, W, 3)
@@ -60,7 +58,12 @@ def sample_batch(generator: Generator, requests: List[SampleArgs]) -> List[np.nd
     return [images[bounds[r]:bounds[r + 1]] for r in range(len(requests))]
 
 
-def _noise(rows: List[Tuple[int, int]], requests: List[SampleArgs], steps: int, num_slots: int):
-    """uniform, gumbel [B,T,N] of (request, image index) rows, each from its request's own (seed, index) stream."""
-    drawn = [sampling.draw_noise(requests[r].seed, [i], steps, num_slots) for r, i in rows]
+def of_image(value: "float | np.ndarray", index: int) -> float:
+    """One image's value of a per-call option that is one number or one per image."""
+    return float(value) if np.ndim(value) == 0 else float(value[index])
+
+
+def _noise(rows: "List[Tuple[sampling.SamplingOptions, int]]", steps: int, num_slots: int):
+    """uniform, gumbel [B,T,N] of (options, image index) rows, each from its request's own (seed, index) stream."""
+    drawn = [sampling.draw_noise(options.seed, [index], steps, num_slots) for options, index in rows]
     return np.concatenate([u for u, _ in drawn]), np.concatenate([g for _, g in drawn])

@@ -38,7 +38,7 @@ def client(tiny_engines):
 
 def test_sample_equals_the_library(client, tiny_generator):
     response = client.post("/v1/sample", json={"n": 3, "seed": 5, "steps": 3, "class_labels": [0, "blue", None],
-                                               "temperature": 0.9})
+                                               "temperature": [0.9, 0.9, 0.9]})
     assert response.status_code == 200, response.text
     assert response.json()["seed"] == 5
     want = tiny_generator.sample(n=3, seed=5, steps=3, class_labels=[0, "blue", None], temperature=0.9,
