@@ -201,7 +201,7 @@ def resolve_engine_dir(engine_dir, out: Path) -> str:
         return str(Path(engine_dir).resolve())
     if (Path("runs/demo/engines") / "manifest.json").is_file():
         return str(Path("runs/demo/engines").resolve())
-    from benchmarks.latency import export_fresh_models  # a fresh tiny model: the demo's size, random weights
+    from benchmarks.subject import export_fresh_models  # a fresh tiny model: the demo's size, random weights
 
     print("no runs/demo/engines: exporting a fresh tiny model (the demo's size) ...", flush=True)
     (out / "tiny").mkdir(parents=True, exist_ok=True)
