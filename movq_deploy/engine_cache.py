@@ -1,20 +1,27 @@
 """The TensorRT engine cache: when a .plan may be reused, when it must be rebuilt, and what the manifest records.
 
 A serialized TensorRT engine is valid only for the TensorRT version and the GPU model that built it, and it encodes
-the precision and the batch range (optimization profile) it was built for (and whether fp32 math may use TF32). So every engine entry in manifest.json
-carries exactly that, plus the sha256 of the ONNX graph it came from and of the plan itself:
+the precision and the batch range (optimization profile) it was built for, and the builder settings that choose its
+kernels (TF32, optimization level, workspace). So every engine entry in manifest.json carries exactly that, plus the
+sha256 of the ONNX graph it came from and of the plan itself:
 
     "engines": {precision: {graph: {"file": "prior.fp16.plan", "sha256", "onnx_sha256", "tensorrt_version",
                                     "gpu_name", "compute_capability", "profile": {"min", "opt", "max"},
-                                    "precision", "tf32"}}}
+                                    "precision", "tf32", "opt_level", "workspace_bytes",
+                                    "validation": {figure: value}}}}
 
-export/build_trt.py rebuilds an engine unless all of (ONNX hash, TensorRT version, GPU, precision, profile, TF32) match
-and the plan on disk is intact; the runtime refuses an engine whose TensorRT version or GPU differ from this
-machine's. Pure Python (no TensorRT, no CUDA, no numpy), so all of it is tested on machines without a GPU.
+export/build_trt.py rebuilds an engine unless all of (ONNX hash, TensorRT version, GPU, precision, profile, TF32,
+builder optimization level, workspace) match and the plan on disk is intact; "validation" holds the engine's
+errors against ONNX Runtime measured when it was built (movq_deploy.export.engine_check). The runtime refuses an
+engine whose TensorRT version or GPU differ from this machine's, whose plan was altered, or that was built from
+another ONNX graph than the one the manifest lists now. Pure Python (no TensorRT, no CUDA, no numpy), so all of it
+is tested on machines without a GPU.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 from movq_deploy.contract import GRAPH_NAMES
@@ -28,6 +35,9 @@ ENGINE_GRAPHS = GRAPH_NAMES
 ENGINE_PRECISIONS = ("fp32", "fp16")
 # The builder's timing cache, kept in the engine directory so that rebuilds and re-exports reuse it.
 TIMING_CACHE_NAME = "tensorrt.timing-cache"
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
+DEFAULT_WORKSPACE_BYTES = 4 << 30
+REBUILD = "rebuild it with `python export/build_trt.py`"
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,13 @@ def plan_file_name(graph: str, precision: str) -> str:
     return f"{graph}.{precision}.plan"
 
 
-def engine_key(onnx_sha256: str, platform: Platform, precision: str, profile: BatchProfile, tf32: bool = True) -> dict:
+def engine_key(onnx_sha256: str, platform: Platform, precision: str, profile: BatchProfile, tf32: bool = True,
+               opt_level: int = DEFAULT_OPT_LEVEL, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> dict:
     """Everything an engine depends on; two builds with equal keys give interchangeable engines.
 
     `tf32`: whether fp32 tensors may use TF32 math (TensorRT's default); off only for exact-parity checks.
+    `opt_level` (builder optimization level 0-5) and `workspace_bytes` (the workspace memory pool limit) decide
+    which kernels the builder may pick, so they are part of the key too.
     """
     return {
         "onnx_sha256": onnx_sha256,
@@ -79,6 +92,8 @@ def engine_key(onnx_sha256: str, platform: Platform, precision: str, profile: Ba
         "precision": precision,
         "profile": profile.to_dict(),
         "tf32": bool(tf32),
+        "opt_level": int(opt_level),
+        "workspace_bytes": int(workspace_bytes),
     }
 
 
@@ -108,12 +123,35 @@ def stale_reason(engine_dir: EngineDir, precision: str, graph: str, key: dict) -
         return f"built for batch profile {entry.get('profile')}, asked for {key['profile']}"
     if entry.get("tf32", True) != key["tf32"]:
         return f"built with TF32 {'on' if entry.get('tf32', True) else 'off'}, asked for {'on' if key['tf32'] else 'off'}"
+    for setting, what in (("opt_level", "builder optimization level"), ("workspace_bytes", "workspace of")):
+        if entry.get(setting) != key[setting]:
+            return f"built with {what} {entry.get(setting)}, asked for {key[setting]}"
     plan = engine_dir.path / entry["file"]
     if not plan.is_file():
         return f"{entry['file']} is missing"
     if sha256_file(plan) != entry.get("sha256"):
         return f"{entry['file']} does not match its sha256 in the manifest"
     return None
+
+
+def verify_plan(directory: "str | os.PathLike[str]", entry: dict) -> Path:
+    """The plan an engine entry names, checked to exist and to match its sha256; else one line saying to rebuild."""
+    path = Path(directory) / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} listed in manifest.json is missing: {REBUILD}")
+    if sha256_file(path) != entry.get("sha256"):
+        raise ValueError(f"{path} does not match its sha256 in manifest.json (the plan was altered or replaced): "
+                         f"{REBUILD}")
+    return path
+
+
+def check_engine_source(entry: dict, graph_entry: Optional[dict]) -> None:
+    """Raises ValueError when the engine was built from another ONNX graph than the one the manifest lists now
+    (e.g. an engine directory whose graphs were swapped by hand after the build)."""
+    if graph_entry is None or entry.get("onnx_sha256") != graph_entry.get("sha256"):
+        listed = graph_entry.get("file") if graph_entry else "no graph"
+        raise ValueError(f"{entry.get('file')} was built from another ONNX graph than {listed} (sha256 differs): "
+                         f"{REBUILD}")
 
 
 def platform_mismatch(entry: dict, platform: Platform) -> Optional[str]:

@@ -39,7 +39,7 @@ def test_entry_holds_everything_the_manifest_contract_names(tmp_path, built):
     entry = built(tmp_path).engines["fp16"]["prior"]
     assert entry["file"] == "prior.fp16.plan"
     assert set(entry) == {"file", "sha256", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
-                          "profile", "precision", "tf32"}
+                          "profile", "precision", "tf32", "opt_level", "workspace_bytes"}
     assert entry["profile"] == {"min": 1, "opt": 16, "max": 64} and entry["precision"] == "fp16"
 
 
@@ -122,3 +122,36 @@ def test_engines_status_explains_why_not(tmp_path, built, make_engine_dir):
     partial = built(tmp_path, graphs=("prior",))
     ok, reason = ec.engines_status(partial, H100)
     assert not ok and "no encoder/decoder engine" in reason
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("opt_level", 5, "builder optimization level 3, asked for 5"),
+    ("workspace_bytes", 1 << 30, f"workspace of {ec.DEFAULT_WORKSPACE_BYTES}, asked for {1 << 30}"),
+])
+def test_builder_settings_are_part_of_the_key(tmp_path, built, setting, value, words):
+    manifest = built(tmp_path)
+    key = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE, **{setting: value})
+    assert ec.stale_reason(manifest, "fp16", "prior", key) == f"built with {words}"
+
+
+def test_an_altered_plan_is_refused_with_the_rebuild_command(tmp_path, built):
+    manifest = built(tmp_path)
+    entry = manifest.engines["fp16"]["decoder"]
+    assert ec.verify_plan(tmp_path, entry) == tmp_path / "decoder.fp16.plan"
+    (tmp_path / "decoder.fp16.plan").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match=r"decoder.fp16.plan does not match its sha256 in manifest.json .*: "
+                                         r"rebuild it with `python export/build_trt.py`$"):
+        ec.verify_plan(tmp_path, entry)
+    (tmp_path / "decoder.fp16.plan").unlink()
+    with pytest.raises(FileNotFoundError, match="missing: rebuild it with"):
+        ec.verify_plan(tmp_path, entry)
+
+
+def test_an_engine_of_another_onnx_graph_is_refused(tmp_path, built):
+    entry = built(tmp_path).engines["fp16"]["prior"]
+    ec.check_engine_source(entry, {"file": "prior.fp16.onnx", "sha256": ONNX_SHA})  # the graph it was built from
+    with pytest.raises(ValueError, match=r"prior.fp16.plan was built from another ONNX graph than prior.fp16.onnx "
+                                         r"\(sha256 differs\): rebuild it"):
+        ec.check_engine_source(entry, {"file": "prior.fp16.onnx", "sha256": "c" * 64})
+    with pytest.raises(ValueError, match="than no graph"):
+        ec.check_engine_source(entry, None)

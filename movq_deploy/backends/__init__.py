@@ -1,39 +1,32 @@
-"""The one small interface every inference backend implements, and the choice between them.
+"""The inference backends, and the choice between them.
 
-A *runner* wraps one graph (encoder, decoder or prior step) or one TensorRT engine built from it:
+    base.py         the Runner protocol, TensorSpec, and the input checks every runner's `run` makes first
+    onnxruntime.py  ONNX Runtime runners (CPU provider; CUDA provider where onnxruntime-gpu works)
+    tensorrt.py     the TensorRT runner of a .plan engine
+    cuda.py         cuda-python for it: buffers, streams, CUDA-graph capture, error checks
 
-    runner.inputs / runner.outputs: list[TensorSpec]     (names, numpy dtypes, shapes with "batch")
-    runner.max_batch: int | None                         (None: any batch; TensorRT: the profile's max)
-    runner.run({name: np.ndarray}) -> {name: np.ndarray} (thread-safe)
-
-`open_runners(engine_dir, backend, precision)` opens the three runners on the best backend this machine
-offers (TensorRT engines, else ONNX Runtime CUDA, else ONNX Runtime CPU) and says why it chose it. The sampling
-loop (movq_deploy.sampling) is written once, above this interface. torch is never imported here.
+`open_runners(engine_dir, backend, precision)` opens the three runners (encoder, decoder, prior step) on the best
+backend this machine offers (TensorRT engines, else ONNX Runtime CUDA, else ONNX Runtime CPU) and says why it chose
+it: with backend="auto" a backend that fails to open (a plan missing, altered or not deserializable; a CUDA
+provider that does not start) hands over to the next one, with the reason; a backend asked for by name raises
+instead. The sampling loop (movq_deploy.sampling) is written once, above the runners. torch is never imported here.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Dict, List, Tuple
 
-import numpy as np
-
-from movq_deploy.contract import TensorSpec
+from movq_deploy.backends.base import Runner, TensorSpec, optional_import
 from movq_deploy.manifest import EngineDir
+
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Runner", "TensorSpec", "open_runners"]
 
 logger = logging.getLogger("movq_deploy")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-
-
-class Runner(Protocol):
-    inputs: List[TensorSpec]
-    outputs: List[TensorSpec]
-    max_batch: Optional[int]
-
-    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]: ...
+_ORT_INSTALL = "pip install .[cpu] (or .[gpu])"
 
 
 @dataclass
@@ -47,8 +40,8 @@ class Backend:
 def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = "auto") -> Backend:
     """Opens the encoder, decoder and prior-step runners of `engine_dir` on `backend`.
 
-    backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider when
-    installed, else ONNX Runtime on the CPU), "tensorrt", "onnxruntime" (CUDA provider if installed, else CPU),
+    backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider when it
+    starts, else ONNX Runtime on the CPU), "tensorrt", "onnxruntime" (CUDA provider if it starts, else CPU),
     "onnxruntime-cuda" or "onnxruntime-cpu". precision: "auto" (fp16 engines on TensorRT, fp32 graphs on ONNX
     Runtime), "fp32", "fp16" or "int8" (int8 prior with fp32 encoder and decoder).
     """
@@ -56,42 +49,54 @@ def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = 
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-
-    skipped = []  # why each better backend was passed over, for .reason
+    skipped: List[str] = []  # why each better backend was passed over, for .reason
     if backend in ("auto", "tensorrt"):
-        usable, why = _tensorrt_usable(engine_dir, precision)
-        if usable:
-            module = importlib.import_module("movq_deploy.backends.tensorrt")
-            trt_precision = module.resolve_precision(engine_dir, precision)  # "auto": the fastest usable (fp16)
-            runners = module.open_tensorrt_runners(engine_dir, trt_precision)
-            return _chosen(Backend("tensorrt", f"TensorRT engines usable: {why}", trt_precision, runners))
-        if backend == "tensorrt":
-            raise RuntimeError(f"backend 'tensorrt' is not usable here: {why}")
-        skipped.append(f"TensorRT not used ({why})")
-
-    from movq_deploy.backends import onnxruntime as ort_backend  # imported here: a TensorRT-only install works
-
+        chosen = _open_tensorrt(engine_dir, precision, required=backend == "tensorrt", skipped=skipped)
+        if chosen is not None:
+            return _chosen(chosen)
+    ort_backend = optional_import("movq_deploy.backends.onnxruntime", "onnxruntime", _ORT_INSTALL)
     ort_precision = "fp32" if precision == "auto" else precision
     files = engine_dir.graph_entries(ort_precision)
     if backend in ("auto", "onnxruntime", "onnxruntime-cuda"):
+        why_not = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)"
         if ort_backend.cuda_available():
-            runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cuda")
-            reason = "; ".join(skipped + ["ONNX Runtime has the CUDAExecutionProvider"])
-            return _chosen(Backend("onnxruntime-cuda", reason, ort_precision, runners))
+            try:
+                runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cuda")
+                reason = "; ".join(skipped + ["ONNX Runtime's CUDAExecutionProvider is in use"])
+                return _chosen(Backend("onnxruntime-cuda", reason, ort_precision, runners))
+            except ort_backend.CudaProviderUnavailable as error:
+                why_not = str(error)
         if backend == "onnxruntime-cuda":
-            raise RuntimeError("backend 'onnxruntime-cuda' is not usable here: onnxruntime has no "
-                               "CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)")
-        if backend != "onnxruntime-cpu":
-            skipped.append("ONNX Runtime has no CUDAExecutionProvider")
+            raise RuntimeError(f"backend 'onnxruntime-cuda' is not usable here: {why_not}")
+        skipped.append(f"ONNX Runtime CUDA not used ({why_not})")
     runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cpu")
     reason = "; ".join(skipped) if skipped else "requested"
     return _chosen(Backend("onnxruntime-cpu", reason + " -> ONNX Runtime on the CPU", ort_precision, runners))
 
 
+def _open_tensorrt(engine_dir: EngineDir, precision: str, required: bool, skipped: List[str]):
+    """The TensorRT Backend, or None (the reason appended to `skipped`); raises instead when `required`."""
+    usable, why = _tensorrt_usable(engine_dir, precision)
+    if usable:
+        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", "pip install .[gpu]")
+        try:
+            trt_precision = module.resolve_precision(engine_dir, precision)  # "auto": the fastest usable (fp16)
+            runners = module.open_tensorrt_runners(engine_dir, trt_precision)
+            return Backend("tensorrt", f"TensorRT engines usable: {why}", trt_precision, runners)
+        except (FileNotFoundError, ValueError, RuntimeError) as error:  # a plan missing, altered, undeserializable
+            if required:
+                raise
+            why = f"its engines did not open: {error}"
+    if required:
+        raise RuntimeError(f"backend 'tensorrt' is not usable here: {why}")
+    skipped.append(f"TensorRT not used ({why})")
+    return None
+
+
 def _tensorrt_usable(engine_dir: EngineDir, precision: str) -> Tuple[bool, str]:
     """(usable, reason), asking movq_deploy.backends.tensorrt, which imports tensorrt itself (lazily)."""
     try:
-        module = importlib.import_module("movq_deploy.backends.tensorrt")
+        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", "pip install .[gpu]")
     except ImportError as error:
         return False, f"TensorRT backend unavailable: {error}"
     return module.tensorrt_usable(engine_dir, precision)

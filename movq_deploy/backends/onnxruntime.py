@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 import onnxruntime as ort
 
-from movq_deploy.contract import TensorSpec
+from movq_deploy.backends.base import BaseRunner, TensorSpec
 from movq_deploy.manifest import EngineDir
 
 _ORT_DTYPES = {
@@ -35,6 +35,7 @@ _ORT_DTYPES = {
 
 
 def cuda_available() -> bool:
+    """Whether this onnxruntime was built with the CUDA provider: not whether it starts (see OnnxRuntimeRunner)."""
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -67,8 +68,18 @@ def cpu_session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     return options
 
 
-class OnnxRuntimeRunner:
-    """One ONNX graph in one InferenceSession; `run(feeds) -> {output name: array}`."""
+class CudaProviderUnavailable(RuntimeError):
+    """ONNX Runtime created the session without the CUDA provider (it falls back to the CPU silently)."""
+
+
+class OnnxRuntimeRunner(BaseRunner):
+    """One ONNX graph in one InferenceSession; `run(feeds) -> {output name: array}`.
+
+    device="cuda" asks for the CUDA provider and checks, once the session exists, that it is really in use:
+    `get_available_providers()` only says what the wheel was built with, and a session whose CUDA provider fails
+    to start (no GPU, missing CUDA/cuDNN libraries) runs on the CPU without a word. Binding outputs to "cuda" on
+    such a session can crash (onnxruntime#21865), so it raises CudaProviderUnavailable instead.
+    """
 
     def __init__(self, path: "str | os.PathLike[str]", device: str = "cpu", threads: Optional[int] = None):
         if device not in ("cpu", "cuda"):
@@ -78,23 +89,37 @@ class OnnxRuntimeRunner:
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         self.path = Path(path)
+        self.name = self.path.name
         self.device = device
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            in_use = self.session.get_providers()
+            self.session = None
+            raise CudaProviderUnavailable(f"ONNX Runtime's CUDA provider did not start for {self.name} (the session "
+                                          f"runs on {', '.join(in_use)}: no GPU, or its CUDA/cuDNN libraries did "
+                                          f"not load)")
+        self.io_binding = device == "cuda"  # inputs from host memory, outputs bound on the device
         self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.session.get_outputs()]
-        self.max_batch: Optional[int] = None  # dynamic batch axis, no profile
         self._output_names = [spec.name for spec in self.outputs]
 
-    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        if self.device == "cpu":
-            return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
-        binding = self.session.io_binding()  # one per call: a binding is not shared between threads
+    def run_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"{self.name}: the runner is closed")
+        if not self.io_binding:
+            return dict(zip(self._output_names, session.run(self._output_names, feeds)))
+        binding = session.io_binding()  # one per call: a binding is not shared between threads
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self._output_names:
             binding.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+
+    def close(self) -> None:
+        """Drops the session (its memory, device memory with the CUDA provider, goes with it)."""
+        self.session = None
 
 
 def open_onnxruntime_runners(

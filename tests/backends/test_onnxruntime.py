@@ -159,6 +159,52 @@ def test_onnxruntime_cuda_refused_without_the_cuda_provider(tiny_engines):
         open_runners(EngineDir.load(tiny_engines.engine_dir), backend="onnxruntime-cuda")
 
 
+def test_auto_falls_back_when_usable_engines_fail_to_open(tiny_engines, monkeypatch):
+    """Engines that match this machine but do not open (a plan missing, altered, undeserializable): auto runs
+    ONNX Runtime and says why; backend="tensorrt" raises the error itself."""
+    _fake_tensorrt(monkeypatch, True, "fp16 engines match")
+
+    def fail(engine_dir, precision):
+        raise ValueError("prior.fp16.plan does not match its sha256 in manifest.json: rebuild it")
+
+    sys.modules["movq_deploy.backends.tensorrt"].open_tensorrt_runners = fail
+    engine_dir = EngineDir.load(tiny_engines.engine_dir)
+    backend = open_runners(engine_dir, backend="auto")
+    assert backend.name.startswith("onnxruntime")
+    assert "TensorRT not used (its engines did not open: prior.fp16.plan does not match" in backend.reason
+    with pytest.raises(ValueError, match="prior.fp16.plan does not match"):
+        open_runners(engine_dir, backend="tensorrt")
+
+
+@pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_a_cuda_session_that_runs_on_the_cpu_is_refused(tiny_engines):
+    """The CPU onnxruntime here creates a session asked for CUDA and silently runs it on the CPU: exactly the case
+    of a GPU wheel whose CUDA libraries fail to load. The runner checks get_providers() and refuses it."""
+    engine_dir = EngineDir.load(tiny_engines.engine_dir)
+    path = engine_dir.verify(engine_dir.graph("fp32", "decoder"))
+    with pytest.raises(ort_backend.CudaProviderUnavailable,
+                       match=r"CUDA provider did not start for decoder.onnx \(the session runs on CPUExecutionProvider"):
+        ort_backend.OnnxRuntimeRunner(path, device="cuda")
+
+
+@pytest.mark.skipif(ort_backend.cuda_available(), reason="this onnxruntime has the CUDA provider")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_a_cuda_provider_that_does_not_start_falls_back_or_fails_in_one_line(tiny_engines, monkeypatch):
+    """As a GPU wheel on a machine whose CUDA does not load: the provider is listed but does not start."""
+    monkeypatch.setattr(ort_backend, "cuda_available", lambda: True)  # what get_available_providers() would claim
+    engine_dir = EngineDir.load(tiny_engines.engine_dir)
+    backend = open_runners(engine_dir, backend="auto")
+    assert backend.name == "onnxruntime-cpu"
+    assert "ONNX Runtime CUDA not used (ONNX Runtime's CUDA provider did not start" in backend.reason
+    assert all(r.session.get_providers() == ["CPUExecutionProvider"] and not r.io_binding
+               for r in backend.runners.values())
+    with pytest.raises(RuntimeError, match=r"^backend 'onnxruntime-cuda' is not usable here: ONNX Runtime's CUDA "
+                                           r"provider did not start") as error:
+        open_runners(engine_dir, backend="onnxruntime-cuda")
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed here")
 def test_tensorrt_refused_without_tensorrt(tiny_engines):
     with pytest.raises(RuntimeError, match="not usable here"):
@@ -180,7 +226,8 @@ def test_files_are_verified_before_loading(tiny_engines, tmp_path):
 def test_cuda_runner_matches_cpu(cpu_backend, tiny_engines):
     manifest = EngineDir.load(tiny_engines.engine_dir)
     cuda = open_runners(manifest, backend="onnxruntime-cuda")
-    assert cuda.name == "onnxruntime-cuda"
+    assert cuda.name == "onnxruntime-cuda" and "CUDAExecutionProvider is in use" in cuda.reason
+    assert all(r.session.get_providers()[0] == "CUDAExecutionProvider" and r.io_binding for r in cuda.runners.values())
     feeds = _prior_feeds(manifest, 4)
     ours, theirs = cuda.runners["prior"].run(feeds), cpu_backend.runners["prior"].run(feeds)
     assert (ours["sampled"] == theirs["sampled"]).mean() > 0.99

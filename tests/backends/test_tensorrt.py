@@ -2,9 +2,11 @@
 
 Everywhere: the module imports without TensorRT, CUDA or torch; `tensorrt_usable` says why not; the TensorRT code
 uses none of the APIs that TensorRT 10.0 / 11.0 removed (a static check).
-With cuda-python and a GPU (TensorRT or not): the pinned/device buffers, stream copies and CUDA-graph capture.
-With TensorRT and a GPU: engines built from the tiny export, compared with ONNX Runtime; CUDA-graph replay equal to
-plain execution; Generator sample parity with the ONNX Runtime backend; mismatch refusals.
+Everywhere too: the bounded store of execution contexts (a plain dict with a capacity).
+With TensorRT and a GPU: engines built from the tiny export (checked against ONNX Runtime through Polygraphy while
+they are built), compared with ONNX Runtime again here; CUDA-graph replay equal to plain execution, with the
+contexts bounded; Generator sample parity with the ONNX Runtime backend; mismatch refusals and the auto fallback.
+(cuda-python on its own: tests/backends/test_cuda.py.)
 """
 import ast
 import importlib.util
@@ -17,24 +19,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from movq_deploy.backends import cuda
 from movq_deploy.backends import tensorrt as trt_backend
 from movq_deploy.manifest import EngineDir
 
 ROOT = Path(__file__).resolve().parents[2]
-TENSORRT_SOURCES = [ROOT / "movq_deploy/backends/tensorrt.py", ROOT / "export/build_trt.py", ROOT / "movq_deploy/engine_cache.py"]
+TENSORRT_SOURCES = [ROOT / "movq_deploy/backends/tensorrt.py", ROOT / "movq_deploy/backends/cuda.py",
+                    ROOT / "movq_deploy/export/tensorrt_build.py", ROOT / "movq_deploy/engine_cache.py"]
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def _gpu():
     try:
-        return trt_backend.cuda_gpu()
+        return cuda.cuda_gpu()
     except (ImportError, RuntimeError):
         return None
 
 
 GPU = _gpu()
-needs_gpu = pytest.mark.skipif(GPU is None, reason="needs cuda-python (pip install .[gpu]) and a CUDA GPU")
 needs_tensorrt = pytest.mark.skipif(
     not (HAS_TENSORRT and GPU), reason="needs TensorRT and a CUDA GPU (pip install .[gpu] on a GPU machine)"
 )
@@ -62,6 +65,16 @@ def test_precision_outside_fp32_fp16_is_refused_before_touching_tensorrt():
     with pytest.raises(ValueError, match="fp32/fp16, not 'int8'"):
         trt_backend.resolve_precision({"engines": {}}, "int8")
     assert trt_backend.resolve_precision({"engines": {}}, "fp32") == "fp32"
+
+
+def test_execution_contexts_are_bounded_to_the_most_recently_used():
+    released = []
+    store = trt_backend.LeastRecentlyUsed(2, on_evict=released.append)
+    for key in (16, 4, 16, 7):  # a sample call's full chunks (16) and remainder (4), then an edit's 7
+        assert store.get_or_create(key, lambda key=key: f"context {key}") == f"context {key}"
+    assert store.keys() == [16, 7] and released == ["context 4"]
+    store.clear()
+    assert store.keys() == [] and released == ["context 4", "context 16", "context 7"]
 
 
 # APIs removed in TensorRT 10.0 (implicit batch, bindings, execute v1/v2, build_engine, max_workspace_size) and in
@@ -133,92 +146,6 @@ def test_tensorrt_code_uses_the_10x_11x_api():
     assert REQUIRED_ATTRIBUTES <= used, sorted(REQUIRED_ATTRIBUTES - used)
 
 
-# ---- cuda-python on a GPU (no TensorRT needed) ------------------------------------------------------------------
-@pytest.fixture
-def cuda_stream():
-    from cuda.bindings import runtime as cudart
-
-    stream = trt_backend.cuda_check(cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "stream")
-    yield cudart, stream
-    cudart.cudaStreamDestroy(stream)
-
-
-def _sync(cudart, stream):
-    trt_backend.cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-
-@needs_gpu
-def test_gpu_and_stream_are_described(cuda_stream):
-    name, capability = GPU
-    assert name and re.fullmatch(r"\d+\.\d+", capability)
-    handle = trt_backend.native_handle(cuda_stream[1])  # what execute_async_v3 is given
-    assert isinstance(handle, int) and handle != 0
-
-
-@needs_gpu
-def test_pinned_buffer_round_trip(cuda_stream):
-    cudart, stream = cuda_stream
-    buffer = trt_backend.PinnedDeviceBuffer(cudart, "int32", (8, 16))
-    try:
-        x = np.arange(3 * 16, dtype=np.int32).reshape(3, 16)
-        buffer.upload(x, stream)
-        _sync(cudart, stream)
-        buffer.host[:] = -1  # the answer must come back from the device, not from the host mirror
-        buffer.download((3, 16), stream)
-        _sync(cudart, stream)
-        np.testing.assert_array_equal(buffer.view((3, 16)), x)
-        with pytest.raises(ValueError, match="do not fit"):
-            buffer.upload(np.zeros((9, 16), np.int32), stream)
-    finally:
-        buffer.free()
-
-
-@needs_gpu
-def test_cuda_graph_replays_with_new_data_at_the_same_addresses(cuda_stream):
-    """The mechanism of the prior's replay: a captured graph reads whatever the fixed buffers hold at launch."""
-    cudart, stream = cuda_stream
-    source = trt_backend.PinnedDeviceBuffer(cudart, "float32", (4, 32))
-    target = trt_backend.PinnedDeviceBuffer(cudart, "float32", (4, 32))
-    kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-
-    def enqueue():
-        trt_backend.cuda_check(cudart, cudart.cudaMemcpyAsync(target.device, source.device, 4 * 32 * 4, kind, stream), "D2D")
-
-    graph = trt_backend.capture_cuda_graph(cudart, stream, enqueue)
-    try:
-        rng = np.random.default_rng(0)
-        for _ in range(3):
-            x = rng.random((4, 32), dtype=np.float32)
-            source.upload(x, stream)
-            trt_backend.cuda_check(cudart, cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
-            target.download((4, 32), stream)
-            _sync(cudart, stream)
-            np.testing.assert_array_equal(target.view((4, 32)), x)
-    finally:
-        cudart.cudaGraphExecDestroy(graph)
-        source.free()
-        target.free()
-
-
-@needs_gpu
-def test_failed_capture_leaves_the_stream_usable(cuda_stream):
-    cudart, stream = cuda_stream
-
-    def enqueue():
-        raise RuntimeError("planted")
-
-    with pytest.raises(RuntimeError, match="planted"):
-        trt_backend.capture_cuda_graph(cudart, stream, enqueue)
-    buffer = trt_backend.PinnedDeviceBuffer(cudart, "uint8", (16,))
-    try:
-        buffer.upload(np.arange(16, dtype=np.uint8), stream)
-        buffer.download((16,), stream)
-        _sync(cudart, stream)
-        np.testing.assert_array_equal(buffer.view((16,)), np.arange(16, dtype=np.uint8))
-    finally:
-        buffer.free()
-
-
 # ---- TensorRT on a GPU ------------------------------------------------------------------------------------------
 PROFILE = (1, 2, 4)
 
@@ -227,14 +154,14 @@ PROFILE = (1, 2, 4)
 def trt_engine_dir(tiny_engines, tmp_path_factory):
     """tests/conftest.py's tiny checkpoint, exported here with fp16 graphs too (the shared engine dir is left
     untouched), with fp32 (TF32 off, for exact parity) and fp16 engines for batch 1..4."""
-    from export.build_trt import BuildOptions, build_engines
     from movq_deploy.export.pipeline import export_engine_dir
-    from movq_deploy.engine_cache import BatchProfile
+    from movq_deploy.export.tensorrt_build import BuildOptions, build_engines
 
     engine_dir = tmp_path_factory.mktemp("tensorrt") / "engines"
     export_engine_dir(tiny_engines.ckpt, engine_dir, steps=4, fp16=True, log=lambda line: None)
     for precision, tf32 in (("fp32", False), ("fp16", True)):
-        options = BuildOptions(precision=precision, profile=BatchProfile(*PROFILE), workspace_gb=1.0, tf32=tf32)
+        options = BuildOptions(precision=precision, min_batch=PROFILE[0], opt_batch=PROFILE[1], max_batch=PROFILE[2],
+                               workspace_gb=1.0, tf32=tf32)
         assert set(build_engines(engine_dir, options, log=lambda line: None).values()) == {"built"}
     return engine_dir
 
@@ -284,8 +211,9 @@ def _onnxruntime(engine_dir, manifest, precision, graph, feeds):
 
 @needs_tensorrt
 def test_build_records_engines_and_skips_up_to_date_ones(trt_engine_dir):
-    from export.build_trt import BuildOptions, build_engines
-    from movq_deploy.engine_cache import BatchProfile
+    from movq_deploy.engine_cache import DEFAULT_OPT_LEVEL
+    from movq_deploy.export import engine_check
+    from movq_deploy.export.tensorrt_build import BuildOptions, build_engines
 
     manifest = _manifest(trt_engine_dir)
     platform = trt_backend.current_platform()
@@ -295,13 +223,28 @@ def test_build_records_engines_and_skips_up_to_date_ones(trt_engine_dir):
             assert entry["tensorrt_version"] == platform.tensorrt_version and entry["gpu_name"] == platform.gpu_name
             assert entry["onnx_sha256"] == manifest.graphs[precision][graph]["sha256"]
             assert entry["profile"] == dict(zip(("min", "opt", "max"), PROFILE)) and entry["precision"] == precision
+            assert entry["opt_level"] == DEFAULT_OPT_LEVEL and entry["workspace_bytes"] == 2**30
+            assert engine_check.failures(precision, graph, entry["validation"]) == []  # the build-time check
     plan = trt_engine_dir / manifest.engines["fp16"]["prior"]["file"]
     mtime = plan.stat().st_mtime_ns
-    options = BuildOptions(precision="fp16", profile=BatchProfile(*PROFILE), workspace_gb=1.0)
+    options = BuildOptions(precision="fp16", min_batch=PROFILE[0], opt_batch=PROFILE[1], max_batch=PROFILE[2],
+                           workspace_gb=1.0)
     assert set(build_engines(trt_engine_dir, options, log=lambda line: None).values()) == {"up to date"}
     assert plan.stat().st_mtime_ns == mtime
     usable, reason = trt_backend.tensorrt_usable(manifest)
     assert usable and "fp16/fp32 engines match" in reason
+
+
+@needs_tensorrt
+def test_each_graph_gets_its_own_opt_batch_by_default(trt_engine_dir, tmp_path):
+    from movq_deploy.export.tensorrt_build import BuildOptions, build_engines
+
+    copy = tmp_path / "engines"
+    shutil.copytree(trt_engine_dir, copy)
+    options = BuildOptions(precision="fp16", min_batch=1, max_batch=32, workspace_gb=1.0)  # opt_batch: per graph
+    build_engines(copy, options, log=lambda line: None)
+    engines = _manifest(copy).engines["fp16"]
+    assert [engines[g]["profile"]["opt"] for g in ("encoder", "decoder", "prior")] == [16, 16, 32]
 
 
 @needs_tensorrt
@@ -330,19 +273,21 @@ def test_engines_match_onnxruntime(trt_engine_dir, precision):
 
 
 @needs_tensorrt
-def test_cuda_graph_replay_equals_plain_execution(trt_engine_dir):
+def test_cuda_graph_replay_equals_plain_execution(trt_engine_dir, monkeypatch):
+    monkeypatch.setattr(trt_backend, "MAX_CONTEXTS", 2)  # three batch sizes below: one context is released
     manifest = _manifest(trt_engine_dir)
     entry = manifest.engines["fp32"]["prior"]
     plan = trt_engine_dir / entry["file"]
-    plain = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=False)
-    replay = trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=True)
-    for call in range(3):  # call 0 warms up, call 1 captures, call 2 replays; two batch sizes interleaved
-        for batch in (2, 3):
-            feeds = _feeds(manifest, "fp32", "prior", batch, seed=10 * call + batch)
-            a, b = plain.run(feeds), replay.run(feeds)
-            np.testing.assert_array_equal(a["sampled"], b["sampled"])
-            np.testing.assert_array_equal(a["confidence"], b["confidence"])
-    assert replay.captured_batch_sizes == [2, 3] and plain.captured_batch_sizes == []
+    with trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=False) as plain, \
+            trt_backend.TensorRTRunner(plan, entry=entry, cuda_graphs=True) as replay:
+        for call in range(3):  # call 0 warms up, call 1 captures, call 2 replays; batch sizes interleaved
+            for batch in (2, 3, 1):
+                feeds = _feeds(manifest, "fp32", "prior", batch, seed=10 * call + batch)
+                a, b = plain.run(feeds), replay.run(feeds)
+                np.testing.assert_array_equal(a["sampled"], b["sampled"])
+                np.testing.assert_array_equal(a["confidence"], b["confidence"])
+        assert replay.cuda_graphs  # no capture failed
+        assert len(replay._states.keys()) == 2 and len(plain._states.keys()) == 1
 
 
 @needs_tensorrt
@@ -361,6 +306,8 @@ def test_generator_sample_parity_with_onnxruntime(trt_engine_dir):
 
 @needs_tensorrt
 def test_mismatched_or_altered_engines_are_refused(trt_engine_dir, tmp_path):
+    from movq_deploy import Generator
+
     copy = tmp_path / "engines"
     shutil.copytree(trt_engine_dir, copy)
     manifest = _manifest(copy)
@@ -369,9 +316,19 @@ def test_mismatched_or_altered_engines_are_refused(trt_engine_dir, tmp_path):
         trt_backend.open_tensorrt_runners(manifest, "fp16")
     assert trt_backend.tensorrt_usable(manifest, "fp16")[0] is False
     manifest = _manifest(copy)
-    (copy / manifest.engines["fp32"]["prior"]["file"]).write_bytes(b"tampered")
-    with pytest.raises(ValueError, match="does not match manifest.json"):
+    manifest.graphs["fp32"]["decoder"]["sha256"] = "0" * 64  # the manifest now lists another decoder graph
+    with pytest.raises(ValueError, match="built from another ONNX graph"):
         trt_backend.open_tensorrt_runners(manifest, "fp32")
+    manifest = _manifest(copy)
+    (copy / manifest.engines["fp32"]["prior"]["file"]).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match=r"does not match its sha256.*rebuild it with `python export/build_trt.py`"):
+        trt_backend.open_tensorrt_runners(manifest, "fp32")
+    (copy / manifest.engines["fp16"]["prior"]["file"]).write_bytes(b"tampered")
+    with Generator(copy) as generator:  # auto: the altered plans fall back to ONNX Runtime, saying why
+        assert generator.backend_name.startswith("onnxruntime")
+        assert "did not open" in generator.backend_reason and "sha256" in generator.backend_reason
+    with pytest.raises(ValueError, match="sha256"):
+        Generator(copy, backend="tensorrt")
 
 
 @needs_tensorrt

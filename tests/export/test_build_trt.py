@@ -1,4 +1,5 @@
-"""export/build_trt.py: clean failure without TensorRT / a GPU, argument checks, and (with TensorRT) parser errors.
+"""export/build_trt.py and movq_deploy/export/tensorrt_build.py: clean failure without TensorRT / a GPU, argument
+checks, per-graph profiles, and (with TensorRT) parser errors.
 
 The engine-building path itself is exercised by tests/backends/test_tensorrt.py where TensorRT and a GPU exist.
 """
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from export.build_trt import BuildOptions, build_serialized_engine, main
+from export.build_trt import main
+from movq_deploy.engine_cache import BatchProfile
+from movq_deploy.export.tensorrt_build import BuildOptions, build_serialized_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_trt.py"
@@ -20,7 +23,7 @@ def _environment_problem():
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
     try:
-        from movq_deploy.backends.tensorrt import cuda_gpu
+        from movq_deploy.backends.cuda import cuda_gpu
 
         cuda_gpu()
     except ImportError:
@@ -77,6 +80,18 @@ def test_bad_batch_profile_is_a_one_line_error(capsys):
     assert len(err.splitlines()) == 1 and "min <= opt <= max" in err
 
 
+def test_each_graph_is_tuned_for_the_batch_the_generator_calls_it_with():
+    from movq_deploy.generator import DEFAULT_IMAGE_BATCH, DEFAULT_PRIOR_BATCH
+
+    options = BuildOptions(min_batch=1, max_batch=64)
+    assert [options.profile(g).opt for g in ("encoder", "decoder", "prior")] == [
+        DEFAULT_IMAGE_BATCH, DEFAULT_IMAGE_BATCH, DEFAULT_PRIOR_BATCH]
+    assert BuildOptions(min_batch=1, max_batch=8).profile("prior") == BatchProfile(1, 8, 8)  # clamped to the range
+    assert BuildOptions(min_batch=32, max_batch=64).profile("decoder") == BatchProfile(32, 32, 64)
+    assert BuildOptions(opt_batch=4).profile("prior").opt == 4  # --opt-batch: the same for every graph
+    assert BuildOptions(workspace_gb=0.5).workspace_bytes == 1 << 29
+
+
 @needs_trt
 def test_parser_error_names_the_failing_node(tmp_path):
     """An op TensorRT cannot parse (Multinomial) must be reported with the node's name and op type."""
@@ -93,5 +108,6 @@ def test_parser_error_names_the_failing_node(tmp_path):
     path = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(ValueError, match="the_bad_sampler") as error:
-        build_serialized_engine(trt, path, BuildOptions(precision="fp32", workspace_gb=0.25), b"", log=lambda s: None)
+        build_serialized_engine(trt, path, BuildOptions(precision="fp32", workspace_gb=0.25), BatchProfile(1, 1, 2),
+                                b"", log=lambda s: None)
     assert "Multinomial" in str(error.value) and "\n" not in str(error.value)
