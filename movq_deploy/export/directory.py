@@ -11,6 +11,7 @@ from pathlib import Path
 
 from movq_deploy import manifest as mf
 from movq_deploy.engine_cache import TIMING_CACHE_NAME
+from movq_deploy.files import new_temp_dir
 
 
 def _process_alive(pid: int) -> bool:
@@ -44,11 +45,9 @@ def make_work_dir(out: Path) -> Path:
     reads the name), with the permissions of an ordinary directory."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the engine directory is an ordinary one
-    return work
+    # mkdir applies the umask itself (mkdtemp would make it private, and reading the umask means setting it, which
+    # races with other threads creating files)
+    return new_temp_dir(out.parent, prefix=f".{out.name}.{os.getpid()}-")
 
 
 def _replace_dir(new: Path, out: Path) -> None:
