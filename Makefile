@@ -6,7 +6,11 @@ DEMO := runs/demo
 # torch is pinned first: this CPU build lies on the machines' disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test clean
+# The browser tests of the web page drive Debian's Chromium. Best effort: installed where apt-get runs as root (as in
+# CI; about a minute, once), else those tests skip with the reason. `make test-ui` insists on running them.
+BROWSER_PACKAGES := chromium chromium-driver
+
+.PHONY: install browser demo test test-ui clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[cpu,train,dev,serve]"
+	$(PY) -m pip install -q -e ".[cpu,train,dev,serve,ui]"
 	touch $@
 
 demo: install
@@ -33,8 +37,20 @@ demo: install
 	@echo "  inpaint / outpaint grid      $(DEMO)/edit.png"
 	@echo "  latency (JSON, plot)         $(DEMO)/latency/"
 
-test: install
+browser:
+	@if command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing $(BROWSER_PACKAGES) for the browser tests (apt-get, about a minute)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -q $(BROWSER_PACKAGES) || { apt-get update -q && apt-get install -y -q $(BROWSER_PACKAGES); }; } \
+	    >/dev/null 2>&1 || echo "could not install Chromium: the browser tests will be skipped"; \
+	else echo "no Chromium and no apt-get as root: the browser tests will be skipped (see make test-ui)"; fi
+
+test: install browser
 	$(PY) -m pytest -q
+
+test-ui: install browser
+	MOVQ_UI_BROWSER_TESTS=required $(PY) -m pytest -q tests/ui
 
 clean:
 	rm -rf $(VENV) runs

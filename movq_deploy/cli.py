@@ -6,6 +6,7 @@
     movq-deploy info --engine-dir engines/
     movq-deploy serve --engine-dir engines/ [--replicas 2] [--port 8000]       # HTTP service (Ray Serve)
     movq-deploy generate --engine-dir engines/ --num-images 50000 --seed 0 --out samples/   # bulk (Ray Data)
+    movq-deploy ui --engine-dir engines/ [--host 127.0.0.1] [--port 7860]                 # the web page (ui extra)
 
 Bad input ends with one line on stderr and exit status 2.
 """
@@ -132,6 +133,19 @@ def check_arguments(args: argparse.Namespace) -> None:
         _margins(args.extend)
 
 
+def ui(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        from movq_deploy.ui.app import launch, local_page
+    except ImportError as error:  # gradio is an extra: say how to get it
+        raise RuntimeError(f"the ui command needs gradio ({error}); pip install 'movq-deploy[ui]'") from None
+    blocks = local_page(args.engine_dir, backend=args.backend, precision=args.precision, batch_size=args.batch_size)
+    print(f"serving the page for {args.engine_dir} at http://{args.host}:{args.port}/ (Ctrl+C stops it)")
+    launch(blocks, host=args.host, port=args.port)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="movq-deploy", description="MoVQ + MaskGIT image generation from an "
                                      "engine directory (ONNX Runtime or TensorRT).")
@@ -177,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
 
     command("info", info, "show the engine directory and the backend that would run it")
     add_serving_commands(command)
+
+    sub = command("ui", ui, "serve a web page to sample, inpaint / outpaint and reconstruct (needs the ui extra)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--port", type=int, default=7860)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""What the web page asks of a model: sample, edit, reconstruct, info. Plain numpy in and out, no gradio.
+
+The page (movq_deploy.ui.page) is written against the ImageService protocol only, so the same page runs over a
+local Generator (LocalService, `movq-deploy ui`) or over the Ray Serve app that serves the model (movq_deploy.serving).
+Every method raises ValueError with a one-line message on bad input; the page shows that line.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Tuple
+
+import numpy as np
+
+# The most images one page request may ask for: a grid of 64 is what a person looks at, and it bounds the work a
+# click can queue on a shared server.
+MAX_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    steps: int
+    temperature: float
+    choice_temperature: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    backend: str  # e.g. "onnxruntime-cpu"
+    precision: str  # "fp32" | "fp16" | "int8"
+    image_size: int  # H = W of the images the model takes and makes
+    grid: Tuple[int, int, int]  # token grid (h, w, c)
+    codebook_size: int
+    class_names: List[str]  # empty for an unconditional model (or a conditional one exported without names)
+    num_classes: int  # 0: unconditional
+    defaults: SamplingDefaults
+    max_images: int = MAX_IMAGES
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The prior's knobs; None takes the model's stored default."""
+    steps: Optional[int] = None
+    temperature: Optional[float] = None
+    choice_temperature: Optional[float] = None
+    class_label: Optional[int] = None  # None: no class (the null class of a conditional model)
+
+
+@dataclass(frozen=True)
+class Generated:
+    images: np.ndarray  # uint8 [n, H, W, 3]
+    seed: int
+    seconds: float  # wall time of the model call, as the service measured it
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    image: np.ndarray  # uint8 [H, W, 3]: decode(encode(input))
+    tokens: np.ndarray  # int32 [h, w, c]: the codes the encoder chose
+    seconds: float
+
+
+class ImageService(Protocol):
+    def info(self) -> ModelInfo: ...
+
+    def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated: ...
+
+    def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
+             paste_original: bool) -> Generated:
+        """n fills of one image (uint8 [H,W,3]) where mask (bool [H,W]) is True; fill i uses noise stream (seed, i)."""
+        ...
+
+    def reconstruct(self, image: np.ndarray) -> Reconstruction: ...
+
+
+def sampling_defaults(generator) -> SamplingDefaults:
+    """The defaults an engine directory stores (manifest "sampling"), which the page shows as its initial values."""
+    stored = generator.manifest["sampling"]
+    return SamplingDefaults(steps=int(generator.default_steps), temperature=float(stored["temperature"]),
+                            choice_temperature=float(stored["choice_temperature"]))
+
+
+class LocalService:
+    """ImageService over a Generator in this process."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.defaults = sampling_defaults(generator)
+
+    def info(self) -> ModelInfo:
+        gen = self.generator
+        return ModelInfo(backend=gen.backend_name, precision=gen.precision, image_size=gen.image_size,
+                         grid=tuple(gen.grid), codebook_size=gen.codebook_size, class_names=list(gen.class_names),
+                         num_classes=gen.num_classes, defaults=self.defaults)
+
+    def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated:
+        check_count(n)
+        start = time.perf_counter()
+        images = self.generator.sample(n=n, seed=seed, output_type="np", **self._knobs(options))
+        return Generated(images, seed, time.perf_counter() - start)
+
+    def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
+             paste_original: bool) -> Generated:
+        check_count(n)
+        check_edit_inputs(image, mask, self.generator.image_size)
+        start = time.perf_counter()
+        images = self.generator.edit([image] * n, [mask] * n, seed=seed, output_type="np",
+                                     paste_original=paste_original, **self._knobs(options))
+        return Generated(images, seed, time.perf_counter() - start)
+
+    def reconstruct(self, image: np.ndarray) -> Reconstruction:
+        start = time.perf_counter()
+        tokens = self.generator.encode(image)  # (1, h, w, c)
+        decoded = self.generator.decode(tokens, output_type="np")  # (1, H, W, 3)
+        return Reconstruction(decoded[0], tokens[0], time.perf_counter() - start)
+
+    def _knobs(self, options: SamplingOptions) -> dict:
+        defaults = self.defaults
+        return {
+            "steps": options.steps if options.steps is not None else defaults.steps,
+            "temperature": options.temperature if options.temperature is not None else defaults.temperature,
+            "choice_temperature": (options.choice_temperature if options.choice_temperature is not None
+                                   else defaults.choice_temperature),
+            "class_labels": options.class_label,
+        }
+
+
+def check_count(n) -> None:
+    if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_IMAGES):
+        raise ValueError(f"the number of images must be between 1 and {MAX_IMAGES}, got {n!r}")
+
+
+def check_edit_inputs(image: np.ndarray, mask: np.ndarray, size: int) -> None:
+    """The checks an edit needs before any model call: sizes that match, and something to regenerate."""
+    if image.shape != (size, size, 3):
+        raise ValueError(f"the image is {image.shape[1]}x{image.shape[0]} pixels; the model takes {size}x{size}")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {size}x{size}")
+    if not mask.any():
+        raise ValueError("the mask is empty: paint the region to regenerate first")
