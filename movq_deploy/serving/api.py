@@ -4,6 +4,7 @@
     POST /v1/edit     multipart: image, mask (files) + the same fields as form fields, plus paste_original, feather
     GET  /v1/info     model, grid, classes, backend, precision, batching
     GET  /healthz
+    GET  /ui/         the web page (movq_deploy.ui) over the same service, when ServiceConfig.page is set
 
 Every error is JSON {"detail": one line}: 400 bad values, 413 body too large, 422 malformed JSON or wrong field
 types, 503 overloaded (with Retry-After), 504 timed out. The same seed gives the same images as the library.
@@ -94,6 +95,11 @@ def build_api(service: ImageService) -> FastAPI:
                                           feather)
         return await _respond(images, seed, format)
 
+    if service.config.page:
+        from movq_deploy.ui.app import mount  # the ui extra (gradio), only when the page is asked for
+        from movq_deploy.ui.service import ServedService
+
+        mount(app, ServedService(service), "/ui")
     return app
 
 

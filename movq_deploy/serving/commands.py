@@ -1,11 +1,12 @@
 """The `movq-deploy serve` and `movq-deploy generate` commands (Ray is imported only when they run).
 
-    movq-deploy serve --engine-dir engines/ [--replicas N] [--host 127.0.0.1] [--port 8000] [--address ADDR]
+    movq-deploy serve --engine-dir engines/ [--replicas N] [--host 127.0.0.1] [--port 8000] [--address ADDR] [--ui]
     movq-deploy generate --engine-dir engines/ --num-images 50000 --seed 0 --out fid-samples/ [--class-labels ...]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Callable
 
@@ -31,6 +32,7 @@ def add_serving_commands(command: AddCommand) -> None:
     sub.add_argument("--max-request-images", type=int, default=16, help="largest n of one request")
     sub.add_argument("--max-steps", type=int, default=64, help="most steps one request may ask for")
     sub.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
+    sub.add_argument("--ui", action="store_true", help="also serve the web page at /ui (needs the ui extra)")
 
     sub = command("generate", generate, "generate many images on Ray Data into PNG shards with an index")
     sub.add_argument("--num-images", type=int, required=True)
@@ -54,11 +56,13 @@ def serve(args: argparse.Namespace) -> int:
     service = ServiceConfig(args.engine_dir, backend=args.backend, precision=args.precision,
                             batching=args.batching, capacity=args.batch_size or 64,
                             max_queued_images=args.max_queued_images, max_request_images=args.max_request_images,
-                            max_steps=args.max_steps, request_timeout_s=args.request_timeout)
+                            max_steps=args.max_steps, request_timeout_s=args.request_timeout, page=args.ui)
     scale = ScaleConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                         target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.cpus_per_replica,
                         num_gpus=args.gpus_per_replica)
     _check_engine_dir(args.engine_dir)
+    if args.ui and importlib.util.find_spec("gradio") is None:
+        raise RuntimeError("--ui needs gradio: pip install 'movq-deploy[ui]'")
     start(service, scale, host=args.host, port=args.port, address=args.address, blocking=True)
     return 0
 

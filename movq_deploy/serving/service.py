@@ -39,6 +39,7 @@ class ServiceConfig:
     batch_wait_timeout_s: float = 0.02  # @serve.batch's wait for a fuller batch ("request" mode)
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
     retry_after_s: int = 1  # the Retry-After of a 503
+    page: bool = False  # also serve the web page at /ui over this service (needs the ui extra: gradio)
 
     def __post_init__(self):
         if self.batching not in BATCHING_MODES:

@@ -7,7 +7,7 @@ from typing import Optional
 import gradio as gr
 
 from movq_deploy.ui.page import THEME, build_page
-from movq_deploy.ui.service import ImageService, LocalService
+from movq_deploy.ui.service import LocalService, PageService
 
 
 def local_page(engine_dir: "str | os.PathLike[str]", backend: str = "auto", precision: str = "auto",
@@ -26,8 +26,11 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: 
     return blocks.local_url
 
 
-def mount(app, service: ImageService, path: str = "/ui"):
-    """Mounts the page over `service` on a FastAPI app at `path` (e.g. the Ray Serve ingress); returns the app."""
+def mount(app, service: PageService, path: str = "/ui", concurrency: Optional[int] = None):
+    """Mounts the page over `service` on a FastAPI app at `path` (e.g. the Ray Serve ingress); returns the app.
+
+    concurrency: page requests served at once (None: no limit of the page's own; the service bounds its queue).
+    """
     blocks = build_page(service)
-    blocks.queue(default_concurrency_limit=1)
+    blocks.queue(default_concurrency_limit=concurrency)
     return gr.mount_gradio_app(app, blocks, path=path, theme=THEME, ssr_mode=False, show_error=False)

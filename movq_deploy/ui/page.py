@@ -1,4 +1,4 @@
-"""The web page: Sample, Inpaint / outpaint and Reconstruct tabs over an ImageService (gradio Blocks).
+"""The web page: Sample, Inpaint / outpaint and Reconstruct tabs over an PageService (gradio Blocks).
 
 `build_page(service)` returns the Blocks; movq_deploy.ui.app launches it on its own server or mounts it on a FastAPI
 app. Handlers turn the service's ValueErrors into gr.Error, which the page shows as one line while the server
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import secrets
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from PIL import Image
 
 from movq_deploy.images import extend_canvas, make_grid, mask_preview
 from movq_deploy.ui.pictures import FITS, enlarge, fit_image, mask_from_layers, open_upload, token_picture
-from movq_deploy.ui.service import ImageService, SamplingOptions
+from movq_deploy.ui.service import PageService, SamplingOptions
 
 # Offline-safe look: system fonts instead of the default theme's web fonts (servers here may have no internet).
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -33,21 +34,22 @@ DOWNLOAD_AGE_S = 3600  # sample PNGs are kept this long for the download button 
 
 
 def shown_on_page(handler):
-    """Bad input (ValueError and friends) -> gr.Error: one line on the page, the server goes on."""
+    """Errors (bad input, an overloaded or timed-out server) -> gr.Error: one line on the page; the server goes on."""
     @functools.wraps(handler)
-    def wrapped(*args, **kwargs):
+    async def wrapped(*args, **kwargs):
         try:
-            return handler(*args, **kwargs)
-        except (ValueError, TypeError, OSError) as error:
-            raise gr.Error(html.escape(str(error)), print_exception=False) from None
+            result = handler(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            raise gr.Error(html.escape(" ".join(str(error).split())), print_exception=False) from None
 
     return wrapped
 
 
 class Page:
-    """The components of the page and the handlers that connect them to one ImageService."""
+    """The components of the page and the handlers that connect them to one PageService."""
 
-    def __init__(self, service: ImageService):
+    def __init__(self, service: PageService):
         self.service = service
         self.info = service.info()
         self.scale = max(1, EDITOR_SIDE // self.info.image_size)  # editor pixels per image pixel
@@ -105,9 +107,9 @@ class Page:
                             outputs=[self.grid, self.sample_status, self.download, self.send, self.samples])
 
     @shown_on_page
-    def sample(self, count, seed, class_name, steps, temperature, choice_temperature):
+    async def sample(self, count, seed, class_name, steps, temperature, choice_temperature):
         seed = secrets.randbits(31) if seed is None else _whole(seed, "seed")
-        result = self.service.sample(_whole(count, "the number of images"), seed,
+        result = await self.service.sample(_whole(count, "the number of images"), seed,
                                      self._options(class_name, steps, temperature, choice_temperature))
         grid = np.asarray(make_grid(result.images))
         status = (f"{len(result.images)} images · seed **{result.seed}** · {self.info.backend} "
@@ -170,24 +172,24 @@ class Page:
         return {"background": shown, "layers": [], "composite": shown}
 
     @shown_on_page
-    def inpaint(self, editor, image, seed, fills, paste_original, *settings):
+    async def inpaint(self, editor, image, seed, fills, paste_original, *settings):
         image = _need_image(image)
         layers = (editor or {}).get("layers") or []
         mask = mask_from_layers(layers, image.shape[:2])
-        return self._edit(image, mask, seed, fills, paste_original, settings)
+        return await self._edit(image, mask, seed, fills, paste_original, settings)
 
     @shown_on_page
-    def outpaint(self, left, top, right, bottom, image, seed, fills, paste_original, *settings):
+    async def outpaint(self, left, top, right, bottom, image, seed, fills, paste_original, *settings):
         image = _need_image(image)
         margins = [_whole(value, side) for value, side in zip((left, top, right, bottom), SIDES)]
         if not any(margins):
             raise ValueError("all four margins are 0: give the border to extend, in pixels")
         canvas, border = extend_canvas(image, *margins, size=self.info.image_size)
-        return self._edit(np.asarray(canvas), np.asarray(border) >= 128, seed, fills, paste_original, settings)
+        return await self._edit(np.asarray(canvas), np.asarray(border) >= 128, seed, fills, paste_original, settings)
 
-    def _edit(self, image, mask, seed, fills, paste_original, settings):
+    async def _edit(self, image, mask, seed, fills, paste_original, settings):
         seed = secrets.randbits(31) if seed is None else _whole(seed, "seed")
-        result = self.service.edit(image, mask, _whole(fills, "fills"), seed, self._options(*settings),
+        result = await self.service.edit(image, mask, _whole(fills, "fills"), seed, self._options(*settings),
                                    bool(paste_original))
         gallery = [(mask_preview(image, mask), "input (grey: to fill)")]
         gallery += [(fill, f"fill {i} · seed {result.seed}") for i, fill in enumerate(result.images)]
@@ -231,9 +233,9 @@ class Page:
         upload.upload(self.reconstruct, inputs=[upload, fit], outputs=[original, decoded, tokens, status])
 
     @shown_on_page
-    def reconstruct(self, path, fit):
+    async def reconstruct(self, path, fit):
         image, note = fit_image(open_upload(path), self.info.image_size, fit)
-        result = self.service.reconstruct(image)
+        result = await self.service.reconstruct(image)
         error = np.abs(result.image.astype(np.float64) - image.astype(np.float64))
         psnr = 10 * np.log10(255.0 ** 2 / max(float((error ** 2).mean()), 1e-10))
         h, w, c = result.tokens.shape
@@ -251,7 +253,7 @@ class Page:
                                choice_temperature=float(choice_temperature), class_label=label)
 
 
-def build_page(service: ImageService) -> gr.Blocks:
+def build_page(service: PageService) -> gr.Blocks:
     """The page over a service; launch it (movq_deploy.ui.app.launch) or mount it on a FastAPI app."""
     return Page(service).build()
 

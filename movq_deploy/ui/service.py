@@ -1,11 +1,13 @@
-"""What the web page asks of a model: sample, edit, reconstruct, info. Plain numpy in and out, no gradio.
+"""What the web page asks of a model: info, sample, edit, reconstruct. Plain numpy in and out, no gradio.
 
-The page (movq_deploy.ui.page) is written against the ImageService protocol only, so the same page runs over a
-local Generator (LocalService, `movq-deploy ui`) or over the Ray Serve app that serves the model (movq_deploy.serving).
-Every method raises ValueError with a one-line message on bad input; the page shows that line.
+The page (movq_deploy.ui.page) is written against the PageService protocol only, so the same page runs over a
+local Generator (LocalService, `movq-deploy ui`) or inside the Ray Serve app over its replica's batching service
+(ServedService, `movq-deploy serve --ui`). The model calls are coroutines: the page awaits them on the server's
+event loop. Every call raises ValueError with a one-line message on bad input; the page shows that line.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Protocol, Tuple
@@ -60,17 +62,17 @@ class Reconstruction:
     seconds: float
 
 
-class ImageService(Protocol):
+class PageService(Protocol):
     def info(self) -> ModelInfo: ...
 
-    def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated: ...
+    async def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated: ...
 
-    def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
-             paste_original: bool) -> Generated:
+    async def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
+                   paste_original: bool) -> Generated:
         """n fills of one image (uint8 [H,W,3]) where mask (bool [H,W]) is True; fill i uses noise stream (seed, i)."""
         ...
 
-    def reconstruct(self, image: np.ndarray) -> Reconstruction: ...
+    async def reconstruct(self, image: np.ndarray) -> Reconstruction: ...
 
 
 def sampling_defaults(generator) -> SamplingDefaults:
@@ -81,48 +83,91 @@ def sampling_defaults(generator) -> SamplingDefaults:
 
 
 class LocalService:
-    """ImageService over a Generator in this process."""
+    """PageService over a Generator in this process (its calls run in a worker thread, off the event loop)."""
 
     def __init__(self, generator):
         self.generator = generator
         self.defaults = sampling_defaults(generator)
 
     def info(self) -> ModelInfo:
-        gen = self.generator
-        return ModelInfo(backend=gen.backend_name, precision=gen.precision, image_size=gen.image_size,
-                         grid=tuple(gen.grid), codebook_size=gen.codebook_size, class_names=list(gen.class_names),
-                         num_classes=gen.num_classes, defaults=self.defaults)
+        return model_info(self.generator, self.defaults, MAX_IMAGES)
 
-    def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated:
+    async def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated:
         check_count(n)
         start = time.perf_counter()
-        images = self.generator.sample(n=n, seed=seed, output_type="np", **self._knobs(options))
+        images = await asyncio.to_thread(self.generator.sample, n=n, seed=seed, output_type="np",
+                                         **knobs(options, self.defaults))
         return Generated(images, seed, time.perf_counter() - start)
 
-    def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
-             paste_original: bool) -> Generated:
+    async def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
+                   paste_original: bool) -> Generated:
         check_count(n)
         check_edit_inputs(image, mask, self.generator.image_size)
         start = time.perf_counter()
-        images = self.generator.edit([image] * n, [mask] * n, seed=seed, output_type="np",
-                                     paste_original=paste_original, **self._knobs(options))
+        images = await asyncio.to_thread(self.generator.edit, [image] * n, [mask] * n, seed=seed, output_type="np",
+                                         paste_original=paste_original, **knobs(options, self.defaults))
         return Generated(images, seed, time.perf_counter() - start)
 
-    def reconstruct(self, image: np.ndarray) -> Reconstruction:
-        start = time.perf_counter()
-        tokens = self.generator.encode(image)  # (1, h, w, c)
-        decoded = self.generator.decode(tokens, output_type="np")  # (1, H, W, 3)
-        return Reconstruction(decoded[0], tokens[0], time.perf_counter() - start)
+    async def reconstruct(self, image: np.ndarray) -> Reconstruction:
+        return await asyncio.to_thread(reconstruct, self.generator, image)
 
-    def _knobs(self, options: SamplingOptions) -> dict:
-        defaults = self.defaults
-        return {
-            "steps": options.steps if options.steps is not None else defaults.steps,
-            "temperature": options.temperature if options.temperature is not None else defaults.temperature,
-            "choice_temperature": (options.choice_temperature if options.choice_temperature is not None
-                                   else defaults.choice_temperature),
-            "class_labels": options.class_label,
-        }
+
+class ServedService:
+    """PageService inside a Ray Serve replica: sampling and editing go through the replica's batching service
+    (movq_deploy.serving.service.ImageService), with the HTTP API's limits; reconstruction calls its Generator."""
+
+    def __init__(self, service):
+        self.service = service
+        self.generator = service.generator
+        self.defaults = sampling_defaults(self.generator)
+
+    def info(self) -> ModelInfo:
+        return model_info(self.generator, self.defaults, min(MAX_IMAGES, self.service.config.max_request_images))
+
+    async def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated:
+        start = time.perf_counter()
+        kw = knobs(options, self.defaults)
+        images, seed = await self.service.sample(n, seed, kw["class_labels"], kw["steps"], kw["temperature"],
+                                                 kw["choice_temperature"])
+        return Generated(images, seed, time.perf_counter() - start)
+
+    async def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
+                   paste_original: bool) -> Generated:
+        check_edit_inputs(image, mask, self.generator.image_size)
+        start = time.perf_counter()
+        kw = knobs(options, self.defaults)
+        images, seed = await self.service.edit(np.repeat(image[None], n, axis=0), np.repeat(mask[None], n, axis=0),
+                                               seed, kw["class_labels"], kw["steps"], kw["temperature"],
+                                               kw["choice_temperature"], paste_original)
+        return Generated(images, seed, time.perf_counter() - start)
+
+    async def reconstruct(self, image: np.ndarray) -> Reconstruction:
+        return await asyncio.to_thread(reconstruct, self.generator, image)
+
+
+def model_info(generator, defaults: SamplingDefaults, max_images: int) -> ModelInfo:
+    return ModelInfo(backend=generator.backend_name, precision=generator.precision, image_size=generator.image_size,
+                     grid=tuple(generator.grid), codebook_size=generator.codebook_size,
+                     class_names=list(generator.class_names), num_classes=generator.num_classes, defaults=defaults,
+                     max_images=max_images)
+
+
+def knobs(options: SamplingOptions, defaults: SamplingDefaults) -> dict:
+    """Generator keyword arguments of the options, the stored defaults standing in for the unset ones."""
+    def pick(value, default):
+        return default if value is None else value
+
+    return {"steps": pick(options.steps, defaults.steps),
+            "temperature": pick(options.temperature, defaults.temperature),
+            "choice_temperature": pick(options.choice_temperature, defaults.choice_temperature),
+            "class_labels": options.class_label}
+
+
+def reconstruct(generator, image: np.ndarray) -> Reconstruction:
+    start = time.perf_counter()
+    tokens = generator.encode(image)  # (1, h, w, c)
+    decoded = generator.decode(tokens, output_type="np")  # (1, H, W, 3)
+    return Reconstruction(decoded[0], tokens[0], time.perf_counter() - start)
 
 
 def check_count(n) -> None:

@@ -1,4 +1,6 @@
 """The page's handlers, called as gradio calls them (no browser): what they show, and the one-line errors."""
+import asyncio
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +20,11 @@ def page(tiny_generator):
     return page
 
 
+def _run(handler, *args):
+    """A handler called as gradio calls it: awaited on an event loop."""
+    return asyncio.run(handler(*args))
+
+
 def _png(tmp_path, array, name="in.png"):
     path = tmp_path / name
     Image.fromarray(array).save(path)
@@ -25,7 +32,7 @@ def _png(tmp_path, array, name="in.png"):
 
 
 def test_sample_shows_the_generators_grid_and_offers_it_as_a_png(page, tiny_generator):
-    grid, status, download, send, samples = page.sample(4, 21, "green", 4, 1.0, 4.5)
+    grid, status, download, send, samples = _run(page.sample, 4, 21, "green", 4, 1.0, 4.5)
     expected = tiny_generator.sample(4, steps=4, seed=21, class_labels="green", output_type="np")
     assert np.array_equal(samples, expected) and np.array_equal(grid, np.asarray(make_grid(expected)))
     assert "seed **21**" in status and "onnxruntime-cpu (fp32)" in status
@@ -34,13 +41,13 @@ def test_sample_shows_the_generators_grid_and_offers_it_as_a_png(page, tiny_gene
 
 def test_a_sample_taken_to_the_editor_is_edited_there(page, tiny_generator):
     samples = tiny_generator.sample(2, seed=1, output_type="np")
-    editor, image, note, tabs = page.take_sample(samples, 2)
+    editor, image, note, tabs = _run(page.take_sample, samples, 2)
     assert np.array_equal(image, samples[1]) and note == "sample #2 of the last grid"
     assert editor["background"].shape == (256, 256, 3)  # shown enlarged 4x for painting
     layer = np.zeros((256, 256, 4), np.uint8)
     layer[100:140, 40:200, 3] = 255  # a painted band: image rows 25..34, columns 10..49
-    gallery, status = page.inpaint({"background": None, "layers": [layer], "composite": None}, image, 5, 2, True,
-                                   NO_CLASS, 8, 1.0, 4.5)
+    editor = {"background": None, "layers": [layer], "composite": None}
+    gallery, status = _run(page.inpaint, editor, image, 5, 2, True, NO_CLASS, 8, 1.0, 4.5)
     mask = np.zeros((64, 64), bool)
     mask[25:35, 10:50] = True
     expected = tiny_generator.edit([image] * 2, [mask] * 2, seed=5, paste_original=True, output_type="np")
@@ -51,7 +58,7 @@ def test_a_sample_taken_to_the_editor_is_edited_there(page, tiny_generator):
 
 def test_outpaint_fills_the_border(page, tiny_generator):
     image = tiny_generator.sample(1, seed=2, output_type="np")[0]
-    gallery, _ = page.outpaint(0, 0, 16, 0, image, 3, 1, True, NO_CLASS, 8, 1.0, 4.5)
+    gallery, _ = _run(page.outpaint, 0, 0, 16, 0, image, 3, 1, True, NO_CLASS, 8, 1.0, 4.5)
     canvas, border = extend_canvas(image, right=16, size=64)
     expected = tiny_generator.edit(canvas, border, seed=3, paste_original=True, output_type="np")
     assert np.array_equal(gallery[1][0], expected[0])
@@ -59,7 +66,7 @@ def test_outpaint_fills_the_border(page, tiny_generator):
 
 def test_reconstruct_shows_input_decoding_and_token_picture(page, tiny_generator, tmp_path):
     image = tiny_generator.sample(1, seed=6, output_type="np")[0]
-    shown, decoded, tokens, status = page.reconstruct(_png(tmp_path, image), "crop")
+    shown, decoded, tokens, status = _run(page.reconstruct, _png(tmp_path, image), "crop")
     assert np.array_equal(shown, enlarge(image, 4))  # shown 4x larger: 256 pixels for a 64-pixel model
     assert np.array_equal(decoded, enlarge(tiny_generator.reconstruct(image, output_type="np")[0], 4))
     assert tokens.shape == (128, 4 * 128 + 3 * 2, 3)  # 8x8 tokens in 16-pixel cells, 4 channels, 2-pixel gaps
@@ -77,15 +84,15 @@ def test_bad_input_is_one_error_line(page, tmp_path, case, message):
     with pytest.raises(gr.Error) as caught:
         if case == "not an image":
             (tmp_path / "notes.txt").write_text("hello")
-            page.load_for_edit(str(tmp_path / "notes.txt"), "crop")
+            _run(page.load_for_edit, str(tmp_path / "notes.txt"), "crop")
         elif case == "wrong size":
-            page.reconstruct(_png(tmp_path, np.zeros((32, 48, 3), np.uint8)), "exact")
+            _run(page.reconstruct, _png(tmp_path, np.zeros((32, 48, 3), np.uint8)), "exact")
         elif case == "empty mask":
-            page.inpaint({"layers": []}, np.zeros((64, 64, 3), np.uint8), 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
+            _run(page.inpaint, {"layers": []}, np.zeros((64, 64, 3), np.uint8), 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
         elif case == "no image":
-            page.inpaint({"layers": []}, None, 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
+            _run(page.inpaint, {"layers": []}, None, 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
         else:
-            page.outpaint(0, 0, 0, 0, np.zeros((64, 64, 3), np.uint8), 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
+            _run(page.outpaint, 0, 0, 0, 0, np.zeros((64, 64, 3), np.uint8), 0, 1, True, NO_CLASS, 8, 1.0, 4.5)
     assert caught.value.message == message
 
 

@@ -1,13 +1,27 @@
-"""LocalService: the page's view of a Generator gives what the Generator gives, and refuses bad edits up front."""
+"""The page's services give what the Generator gives, and refuse bad edits up front: LocalService (a Generator in
+this process) and ServedService (a serving replica's batching service, without Ray)."""
+import asyncio
+
 import numpy as np
 import pytest
 
-from movq_deploy.ui.service import MAX_IMAGES, LocalService, SamplingOptions
+from movq_deploy.ui.service import MAX_IMAGES, LocalService, SamplingOptions, ServedService
 
 
-@pytest.fixture(scope="module")
-def service(tiny_generator):
-    return LocalService(tiny_generator)
+def _run(call, *args, **kwargs):
+    return asyncio.run(call(*args, **kwargs))
+
+
+@pytest.fixture(scope="module", params=["local", "served"])
+def service(request, tiny_generator, tiny_engines):
+    if request.param == "local":
+        yield LocalService(tiny_generator)
+        return
+    from movq_deploy.serving.service import ImageService, ServiceConfig
+
+    served = ImageService(ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu"))
+    yield ServedService(served)
+    served.close()
 
 
 def test_info_describes_the_model_and_its_stored_defaults(service, tiny_generator, tiny_engines):
@@ -22,7 +36,7 @@ def test_info_describes_the_model_and_its_stored_defaults(service, tiny_generato
 
 def test_sample_is_the_generators_sample(service, tiny_generator):
     options = SamplingOptions(steps=4, temperature=0.8, choice_temperature=2.0, class_label=1)
-    result = service.sample(3, 11, options)
+    result = _run(service.sample, 3, 11, options)
     expected = tiny_generator.sample(3, steps=4, seed=11, class_labels=1, temperature=0.8, choice_temperature=2.0,
                                      output_type="np")
     assert result.seed == 11 and result.seconds > 0
@@ -32,14 +46,15 @@ def test_sample_is_the_generators_sample(service, tiny_generator):
 def test_unset_options_take_the_stored_defaults(service, tiny_generator):
     defaults = service.info().defaults
     explicit = SamplingOptions(defaults.steps, defaults.temperature, defaults.choice_temperature)
-    assert np.array_equal(service.sample(2, 5, SamplingOptions()).images, service.sample(2, 5, explicit).images)
+    unset = _run(service.sample, 2, 5, SamplingOptions())
+    assert np.array_equal(unset.images, _run(service.sample, 2, 5, explicit).images)
 
 
 def test_edit_is_the_generators_edit(service, tiny_generator):
     image = tiny_generator.sample(1, seed=3, output_type="np")[0]
     mask = np.zeros((64, 64), bool)
     mask[20:40, 10:30] = True
-    result = service.edit(image, mask, 2, 9, SamplingOptions(steps=4), paste_original=True)
+    result = _run(service.edit, image, mask, 2, 9, SamplingOptions(steps=4), paste_original=True)
     expected = tiny_generator.edit([image] * 2, [mask] * 2, steps=4, seed=9, paste_original=True, output_type="np")
     assert np.array_equal(result.images, expected)
 
@@ -52,17 +67,19 @@ def test_edit_is_the_generators_edit(service, tiny_generator):
 def test_edit_refuses_bad_input_in_one_line(service, shape, mask_shape, painted, message):
     mask = np.full(mask_shape, painted)
     with pytest.raises(ValueError, match=f"^{message}$"):
-        service.edit(np.zeros(shape, np.uint8), mask, 1, 0, SamplingOptions(), paste_original=True)
+        _run(service.edit, np.zeros(shape, np.uint8), mask, 1, 0, SamplingOptions(), paste_original=True)
 
 
 @pytest.mark.parametrize("n", [0, MAX_IMAGES + 1, 2.5])
 def test_sample_refuses_counts_outside_the_page_limit(service, n):
-    with pytest.raises(ValueError, match=f"between 1 and {MAX_IMAGES}"):
-        service.sample(n, 0, SamplingOptions())
+    limit = service.info().max_images  # the served page keeps to the HTTP API's request limit
+    assert limit == (MAX_IMAGES if isinstance(service, LocalService) else 16)
+    with pytest.raises(ValueError, match=f"between 1 and {limit}|in \\[1, {limit}\\]"):
+        _run(service.sample, n, 0, SamplingOptions())
 
 
 def test_reconstruct_gives_the_tokens_and_their_decoding(service, tiny_generator):
     image = tiny_generator.sample(1, seed=4, output_type="np")[0]
-    result = service.reconstruct(image)
+    result = _run(service.reconstruct, image)
     assert np.array_equal(result.tokens, tiny_generator.encode(image)[0])
     assert np.array_equal(result.image, tiny_generator.reconstruct(image, output_type="np")[0])
