@@ -24,6 +24,11 @@ def test_ui_with_a_missing_engine_dir_ends_with_one_line(tmp_path, capsys):
     assert err.startswith("movq-deploy ui: error: engine directory") and "\n" not in err
 
 
+def test_ui_refuses_a_port_out_of_range(tiny_engines, capsys):
+    assert cli.main(["ui", "--engine-dir", str(tiny_engines.engine_dir), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "movq-deploy ui: error: --port must be in 1..65535, got 70000"
+
+
 def test_ui_serves_the_page(tiny_engines):
     pytest.importorskip("gradio", reason="the ui extra (gradio) is not installed: pip install -e .[ui]")
     with socket.socket() as probe:
