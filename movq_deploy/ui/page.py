@@ -142,8 +142,9 @@ class Page:
                     elem_id="editor", height=EDITOR_SIDE + 160)
         with gr.Row():
             self.edit_seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="edit-seed")
-            self.fills = gr.Slider(1, 8, value=4, step=1, label="fills (fill i uses noise stream (seed, i))",
-                                   elem_id="fills")
+            most = min(8, self.info.max_images)
+            self.fills = gr.Slider(1, most, value=min(4, most), step=1, elem_id="fills",
+                                   label="fills (fill i uses noise stream (seed, i))")
             self.paste_original = gr.Checkbox(True, label="keep the original pixels outside the mask",
                                               elem_id="paste-original")
             inpaint_button = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
@@ -190,7 +191,7 @@ class Page:
     async def _edit(self, image, mask, seed, fills, paste_original, settings):
         seed = secrets.randbits(31) if seed is None else _whole(seed, "seed")
         result = await self.service.edit(image, mask, _whole(fills, "fills"), seed, self._options(*settings),
-                                   bool(paste_original))
+                                         bool(paste_original))
         gallery = [(mask_preview(image, mask), "input (grey: to fill)")]
         gallery += [(fill, f"fill {i} · seed {result.seed}") for i, fill in enumerate(result.images)]
         status = (f"{len(result.images)} fills · seed **{result.seed}** · {int(mask.sum())} pixels regenerated · "
