@@ -14,16 +14,11 @@ from typing import List, Optional, Protocol, Tuple
 
 import numpy as np
 
+from movq_deploy.sampling import SamplingDefaults
+
 # The most images one page request may ask for: a grid of 64 is what a person looks at, and it bounds the work a
 # click can queue on a shared server.
 MAX_IMAGES = 64
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    steps: int
-    temperature: float
-    choice_temperature: float
 
 
 @dataclass(frozen=True)
@@ -75,19 +70,12 @@ class PageService(Protocol):
     async def reconstruct(self, image: np.ndarray) -> Reconstruction: ...
 
 
-def sampling_defaults(generator) -> SamplingDefaults:
-    """The defaults an engine directory stores (manifest "sampling"), which the page shows as its initial values."""
-    stored = generator.manifest["sampling"]
-    return SamplingDefaults(steps=int(generator.default_steps), temperature=float(stored["temperature"]),
-                            choice_temperature=float(stored["choice_temperature"]))
-
-
 class LocalService:
     """PageService over a Generator in this process (its calls run in a worker thread, off the event loop)."""
 
     def __init__(self, generator):
         self.generator = generator
-        self.defaults = sampling_defaults(generator)
+        self.defaults = generator.engine_dir.sampling  # shown as the page's initial values
 
     def info(self) -> ModelInfo:
         return model_info(self.generator, self.defaults, MAX_IMAGES)
@@ -119,7 +107,7 @@ class ServedService:
     def __init__(self, service):
         self.service = service
         self.generator = service.generator
-        self.defaults = sampling_defaults(self.generator)
+        self.defaults = self.generator.engine_dir.sampling
 
     def info(self) -> ModelInfo:
         return model_info(self.generator, self.defaults, min(MAX_IMAGES, self.service.config.max_request_images))
