@@ -10,10 +10,11 @@ import onnx
 from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops
 from movq_deploy.export.specs import ExportError, GraphSpec, io_shapes
 
-# Kept in fp32 in the fp16 graphs (besides the nodes after the last Conv / after "logits / temperature", below).
+# Kept in fp32 in the fp16 graphs (besides the nodes after the last Conv / after "logits / temperature" and the
+# Fourier features' phase, below).
 FP16_OP_BLOCK_LIST = [
     "GroupNormalization", "InstanceNormalization", "LayerNormalization", "Softmax", "LogSoftmax",
-    "CumSum", "Log", "Exp", "ReduceSum", "ReduceMean", "ArgMin", "ArgMax", "TopK",
+    "CumSum", "Log", "Exp", "ReduceSum", "ReduceMean", "ArgMin", "ArgMax", "TopK", "Sin", "Cos",
 ]
 
 
@@ -25,6 +26,26 @@ def _downstream_nodes(model: onnx.ModelProto, tensors: "set[str]") -> "list[str]
             names.append(node.name)
             reached.update(node.output)
     return names
+
+
+def _upstream_nodes(model: onnx.ModelProto, op_types: "set[str]") -> "list[str]":
+    """Names of the nodes of `op_types` and of every node they depend on."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    pending = [node for node in model.graph.node if node.op_type in op_types]
+    names: "set[str]" = set()
+    while pending:
+        node = pending.pop()
+        if node.name not in names:
+            names.add(node.name)
+            pending.extend(producer[name] for name in node.input if name in producer)
+    return [node.name for node in model.graph.node if node.name in names]
+
+
+def fourier_phase(model: onnx.ModelProto) -> "list[str]":
+    """The decoder's Fourier features (f0 = "fourier"), whole: Sin, Cos and everything their phase 2piB.z_q is
+    computed from (index Cast, codebook Gather, the 1x1 Conv with 2piB). A phase of tens of radians keeps only
+    ~0.03 rad of precision in fp16, so these few small nodes stay fp32."""
+    return _upstream_nodes(model, {"Sin", "Cos"})
 
 
 def fp16_tail(name: str, model: onnx.ModelProto) -> "list[str]":
@@ -47,7 +68,7 @@ def convert_fp16(spec: GraphSpec, fp32_path: Path, path: Path) -> onnx.ModelProt
         warnings.simplefilter("ignore")
         model = convert_float_to_float16(
             model, keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK_LIST)),
-            node_block_list=fp16_tail(spec.name, model),
+            node_block_list=fp16_tail(spec.name, model) + fourier_phase(model),
         )
     _sort_topologically(model)  # the converter appends its Casts at the end of the node list
     _remove_cast_round_trips(model)

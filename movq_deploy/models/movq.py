@@ -3,7 +3,7 @@
     image [B,3,H,W] -> Encoder -> conv_in... conv_out -> quant_conv -> z [B,n_z,h,w]
     z -> MultichannelQuantizer: n_z channels split into c chunks of d = n_z/c, each chunk snapped to its nearest
          entry of ONE shared codebook K x d -> indices [B,h,w,c], z_q [B,n_z,h,w]
-    z_q -> post_quant_conv -> Decoder (its norms modulated by z_q, paper eq. 4) -> image [B,3,H,W]
+    z_q -> F0 (the initial feature) -> Decoder (its norms modulated by z_q, paper eq. 4) -> image [B,3,H,W]
 
 The module layout mirrors diffusers' `VQModel` (Encoder/Decoder of models/autoencoders/vae.py, the
 Down/UpEncoderBlock2D family, SpatialNorm) so that `MoVQ.from_diffusers` is a key rename, and so that the
@@ -17,8 +17,19 @@ Two choices made here that the paper leaves open, stated once:
   == diffusers' norm_type="spatial". "paper-f16" uses k = 3: mid block + the 16², 32² and 64² levels.
 - The modulation input is z_q (n_z channels) BEFORE post_quant_conv, as in diffusers and ai-forever/MoVQGAN;
   gamma and beta are two pointwise (1x1) convolutions of it, as the paper's figure and project page describe.
+- The initial feature F0 (`f0`; what the decoder's conv_in receives, z_channels wide, at the latent grid):
+  "conv" = post_quant_conv(z_q), VQGAN's and diffusers' (and every checkpoint written before `f0` existed);
+  "fourier" = the paper's choice (§3.1, Fig. 6a row C): per position gamma(z_q) = [cos 2piB.z_q, sin 2piB.z_q]
+  (Tancik et al. 2020) with B a fixed Gaussian matrix [z_channels/2, n_z], entries N(0, sigma^2 / n_z),
+  sigma = FOURIER_SIGMA = 1: each frequency's phase 2pi b.z_q then has a standard deviation of 2pi * sigma *
+  rms(z_q), about one turn for unit-scale codes, so codes a fraction of their spread apart get distinct features
+  (low sigma would blur neighbouring codes together, very high sigma makes the features of a code jump while the
+  codebook is still moving). The width equals the conv's output it replaces, so conv_in keeps its shape; B is a
+  buffer stored with the weights, so export and reference use the same matrix.
+  "sinusoid" (a 2-D sinusoidal positional embedding) and "learned" (a learned constant [z_channels, h, w]) carry
+  no code identity: z_q then reaches the decoder only through the modulated norms, so they need modulation.
 
-Parameter counts (encoder + decoder + quant convs + codebook; `MoVQ(cfg).num_parameters()`):
+Parameter counts (encoder + decoder + quant convs + codebook; `MoVQ(cfg).num_parameters()`; f0 = "conv"):
 - "vqgan-f16": 72,141,699 = diffusers' VQModel of that config = the paper's 72.1M.
 - "paper-f16": 77,340,035 vs the paper's 82.7M. Relative to the VQGAN: +5.40M for the modulated norms
   (2·(n_z+1)·C per modulated GroupNorm: 26 of them, in the mid block and the 16², 32², 64² levels) and -0.20M for
@@ -28,6 +39,7 @@ Parameter counts (encoder + decoder + quant convs + codebook; `MoVQ(cfg).num_par
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -35,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODULATIONS = ("none", "first", "all")
+INITIAL_FEATURES = ("conv", "fourier", "sinusoid", "learned")
+FOURIER_SIGMA = 1.0  # std of B times sqrt(n_z); see the module docstring
 
 
 def config_from_dict(cls, d: dict):
@@ -78,6 +92,8 @@ class MoVQConfig:
     modulation: str = "first"  # "none" (VQGAN) | "first" (mid block + first `modulated_levels` up levels) | "all"
     modulated_levels: int = 3  # k, used when modulation == "first"
     beta: float = 0.25  # commitment weight
+    f0: str = "conv"  # the decoder's initial feature: "conv" | "fourier" (the paper's) | "sinusoid" | "learned";
+    #                   the default is what configs saved without the key were trained with
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -91,6 +107,14 @@ class MoVQConfig:
             raise ValueError(f"MoVQConfig sizes must be positive: {self}")
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {MODULATIONS}, got {self.modulation!r}")
+        if self.f0 not in INITIAL_FEATURES:
+            raise ValueError(f"f0 must be one of {INITIAL_FEATURES}, got {self.f0!r}")
+        if self.f0 in ("sinusoid", "learned") and self.modulation == "none":
+            raise ValueError(f"f0 {self.f0!r} carries no code identity: it needs a modulated decoder "
+                             "(modulation 'first' or 'all'), or z_q never reaches the decoder")
+        if self.f0 in ("fourier", "sinusoid") and self.z_channels % (2 if self.f0 == "fourier" else 4):
+            raise ValueError(f"f0 {self.f0!r} needs z_channels divisible by {2 if self.f0 == 'fourier' else 4}, "
+                             f"got {self.z_channels}")
         if self.modulation == "first" and not 0 <= self.modulated_levels <= levels:
             raise ValueError(f"modulated_levels must be in [0, {levels}], got {self.modulated_levels}")
         if self.latent_channels % self.num_chunks:
@@ -178,7 +202,7 @@ class MoVQConfig:
         if name == "paper-f16":
             return cls(image_size=256, block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2,
                        attention_levels=(4,), norm_groups=32, latent_channels=256, num_chunks=4,
-                       codebook_size=1024, modulation="first", modulated_levels=3)
+                       codebook_size=1024, modulation="first", modulated_levels=3, f0="fourier")
         if name == "vqgan-f16":
             return cls(image_size=256, block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2,
                        attention_levels=(4,), norm_groups=32, latent_channels=256, num_chunks=1,
@@ -355,6 +379,72 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h, zq)))  # (B, 3, H, W)
 
 
+# ---- the initial feature F0 --------------------------------------------------------------------------------------
+
+
+class FourierFeatures(nn.Module):
+    """gamma(z_q) = [cos 2piB.z_q, sin 2piB.z_q] per position: z_q (B, n_z, h, w) -> (B, width, h, w).
+
+    2piB is one fixed buffer [width/2, n_z, 1, 1], so the phase is a single 1x1 Conv; fp16 exports keep that Conv
+    and the Sin/Cos in fp32 (a phase of tens of radians keeps only ~0.03 rad of precision in fp16).
+    """
+
+    def __init__(self, zq_channels: int, width: int, sigma: float = FOURIER_SIGMA):
+        super().__init__()
+        b = torch.randn(width // 2, zq_channels) * (sigma / math.sqrt(zq_channels))
+        self.register_buffer("frequencies", (2 * math.pi * b)[:, :, None, None])
+
+    def forward(self, zq: torch.Tensor) -> torch.Tensor:
+        phase = F.conv2d(zq.float(), self.frequencies)  # (B, width/2, h, w)
+        return torch.cat([phase.cos(), phase.sin()], dim=1)  # (B, width, h, w)
+
+
+def sinusoid_table(width: int, h: int, w: int) -> torch.Tensor:
+    """2-D sinusoidal positional embedding (Transformer frequencies; half the channels for y, half for x):
+    (1, width, h, w)."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (width/4,)
+
+    def embed(positions: torch.Tensor) -> torch.Tensor:  # (n,) -> (width/2, n)
+        angles = omega[:, None] * positions[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=0)
+
+    ys = embed(torch.arange(h, dtype=torch.float64))[:, :, None].expand(-1, h, w)
+    xs = embed(torch.arange(w, dtype=torch.float64))[:, None, :].expand(-1, h, w)
+    return torch.cat([ys, xs], dim=0)[None].float()
+
+
+class SinusoidFeature(nn.Module):
+    """F0 = a fixed 2-D sinusoidal positional embedding, the same for every image (z_q only modulates)."""
+
+    def __init__(self, width: int, h: int, w: int):
+        super().__init__()
+        self.register_buffer("table", sinusoid_table(width, h, w), persistent=False)  # a function of the config
+
+    def forward(self, zq: torch.Tensor) -> torch.Tensor:
+        return self.table.expand(zq.shape[0], -1, -1, -1)  # (B, width, h, w)
+
+
+class LearnedFeature(nn.Module):
+    """F0 = a learned constant (StyleGAN's input), the same for every image (z_q only modulates)."""
+
+    def __init__(self, width: int, h: int, w: int):
+        super().__init__()
+        self.constant = nn.Parameter(torch.randn(1, width, h, w))
+
+    def forward(self, zq: torch.Tensor) -> torch.Tensor:
+        return self.constant.expand(zq.shape[0], -1, -1, -1)  # (B, width, h, w)
+
+
+def make_initial_feature(cfg: MoVQConfig) -> nn.Module:
+    """F0 for cfg.f0 other than "conv": z_q (B, n_z, h, w) -> (B, z_channels, h, w), the decoder's conv_in input."""
+    if cfg.f0 == "fourier":
+        return FourierFeatures(cfg.latent_channels, cfg.z_channels)
+    if cfg.f0 == "sinusoid":
+        return SinusoidFeature(cfg.z_channels, cfg.latent_size, cfg.latent_size)
+    return LearnedFeature(cfg.z_channels, cfg.latent_size, cfg.latent_size)
+
+
 class MultichannelQuantizer(nn.Module):
     """z (B, n_z, h, w) -> c chunks of d channels per position, each snapped to the nearest of K shared codes.
 
@@ -428,7 +518,10 @@ class MoVQ(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.latent_channels, 1)
         self.quantizer = MultichannelQuantizer(config.codebook_size, config.code_dim, config.num_chunks,
                                                config.beta)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.z_channels, 1)
+        # F0: "conv" is taming's / diffusers' post_quant_conv (its keys: old checkpoints and diffusers weights map).
+        conv_f0 = config.f0 == "conv"
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.z_channels, 1) if conv_f0 else None
+        self.initial_feature = None if conv_f0 else make_initial_feature(config)
         self.decoder = Decoder(config)
 
     def _check_images(self, x: torch.Tensor) -> None:
@@ -447,8 +540,9 @@ class MoVQ(nn.Module):
         return self.quantizer.nearest(self.encode_z(x))
 
     def decode_quantized(self, zq: torch.Tensor) -> torch.Tensor:
-        """z_q (B, n_z, h, w) -> images (B, 3, H, W); z_q also modulates the decoder's norms."""
-        return self.decoder(self.post_quant_conv(zq), zq)
+        """z_q (B, n_z, h, w) -> images (B, 3, H, W): F0(z_q) enters the decoder, z_q also modulates its norms."""
+        f0 = self.post_quant_conv(zq) if self.post_quant_conv is not None else self.initial_feature(zq)
+        return self.decoder(f0, zq)  # F0: (B, z_channels, h, w)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, h, w, c), int32 or int64 -> images float (B, 3, H, W), unclamped (~[-1, 1])."""

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from movq_deploy.models.movq import MoVQ, MoVQConfig, MultichannelQuantizer, SpatialNorm
+from movq_deploy.models.checkpoint import load_models, save_checkpoint
+from movq_deploy.models.movq import FOURIER_SIGMA, MoVQ, MoVQConfig, MultichannelQuantizer, SpatialNorm, sinusoid_table
 
 
 def tiny_model(seed=0, **overrides):
@@ -166,7 +167,7 @@ def test_paper_preset_details():
     assert paper.block_out_channels == (128, 128, 256, 256, 512) and paper.layers_per_block == 2
     assert paper.norm_groups == 32 and paper.has_attention(4) and not paper.has_attention(3)
     assert (paper.latent_channels, paper.num_chunks, paper.code_dim, paper.codebook_size) == (256, 4, 64, 1024)
-    assert paper.modulation == "first" and paper.modulated_levels == 3
+    assert paper.modulation == "first" and paper.modulated_levels == 3 and paper.f0 == "fourier"
     assert (vqgan.num_chunks, vqgan.code_dim, vqgan.codebook_size, vqgan.modulation) == (1, 256, 1024, "none")
 
 
@@ -227,3 +228,88 @@ def test_same_bit_budget_baseline_recipe():
     with torch.device("meta"):
         x_rec, _, info = MoVQ(baseline)(torch.empty(2, 3, 64, 64))
     assert x_rec.shape == (2, 3, 64, 64) and info["indices"].shape == (2, 16, 16, 1)
+
+
+# ---- the initial feature F0 (paper §3.1, Fig. 6a row C) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("f0,count", [("conv", 77_340_035), ("fourier", 77_274_243), ("sinusoid", 77_274_243),
+                                      ("learned", 77_339_779)])
+def test_paper_f16_parameter_count_per_initial_feature(f0, count):
+    with torch.device("meta"):
+        model = MoVQ(dataclasses.replace(MoVQConfig.preset("paper-f16"), f0=f0))
+    assert model.num_parameters() == count
+    # conv: post_quant_conv 256x256 + 256; fourier/sinusoid: none (buffers); learned: a 256x16x16 constant.
+    assert count - 77_340_035 == {"conv": 0, "fourier": -65_792, "sinusoid": -65_792, "learned": -256}[f0]
+
+
+def test_fourier_feature_is_cos_sin_of_a_fixed_gaussian_projection():
+    model = tiny_model(f0="fourier").eval()
+    cfg = model.config
+    two_pi_b = model.initial_feature.frequencies[:, :, 0, 0]  # (z_channels / 2, n_z)
+    assert two_pi_b.shape == (cfg.z_channels // 2, cfg.latent_channels)
+    assert not any(two_pi_b is p for p in model.parameters())  # fixed: a buffer, stored with the weights
+    assert "initial_feature.frequencies" in model.state_dict()
+    b_std = float((two_pi_b / (2 * math.pi)).std())
+    assert abs(b_std - FOURIER_SIGMA / math.sqrt(cfg.latent_channels)) < 0.2 * b_std  # 2048 samples: ~2% error
+    zq = torch.randn(2, cfg.latent_channels, 8, 8)
+    phase = torch.einsum("fc,bchw->bfhw", two_pi_b, zq)
+    torch.testing.assert_close(model.initial_feature(zq), torch.cat([phase.cos(), phase.sin()], 1))
+    with torch.no_grad():  # per position: changing one position's code changes F0 there only
+        zq2 = zq.clone()
+        zq2[:, :, 3, 5] += 1.0
+        moved = (model.initial_feature(zq2) - model.initial_feature(zq)).abs().sum(1) > 0
+    assert moved[:, 3, 5].all() and moved.sum() == 2
+
+
+def test_sinusoid_table_is_the_2d_transformer_embedding():
+    table = sinusoid_table(8, 3, 4)  # width 8: 2 frequencies each for sin y, cos y, sin x, cos x
+    assert table.shape == (1, 8, 3, 4)
+    y, x = 2, 3
+    expected = [math.sin(y), math.sin(y / 100), math.cos(y), math.cos(y / 100),
+                math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)]
+    torch.testing.assert_close(table[0, :, y, x], torch.tensor(expected))
+
+
+@pytest.mark.parametrize("f0", ["sinusoid", "learned"])
+def test_positional_and_learned_f0_carry_no_code_so_z_q_enters_by_modulation_only(f0):
+    model = tiny_model(f0=f0).eval()
+    zq = torch.randn(2, model.config.latent_channels, 8, 8)
+    start = model.initial_feature(zq)
+    assert torch.equal(start, model.initial_feature(zq.flip(0)))  # the same F0 whatever the codes
+    assert torch.equal(start[0], start[1])
+    with torch.no_grad():
+        a, b = model.decode_quantized(zq), model.decode_quantized(zq.flip(0))
+    assert (a - b.flip(0)).abs().max() < 1e-5 and (a[0] - a[1]).abs().max() > 1e-4  # the codes still steer it
+    with pytest.raises(ValueError, match="needs a modulated decoder"):
+        dataclasses.replace(model.config, modulation="none")
+
+
+@pytest.mark.parametrize("f0", ["conv", "fourier", "sinusoid", "learned"])
+def test_every_initial_feature_trains(f0):
+    model = tiny_model(f0=f0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x_rec, quant_loss, _ = model(x)
+    ((x_rec - x).abs().mean() + quant_loss).backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0 and model.decoder.conv_in.weight.grad.abs().sum() > 0
+    if f0 == "learned":
+        assert model.initial_feature.constant.grad.abs().sum() > 0
+
+
+def test_checkpoints_without_f0_load_as_conv(tmp_path):
+    model = tiny_model(seed=3).eval()
+    old_config = model.config.to_dict()
+    del old_config["f0"]  # what checkpoints written before F0 had a choice hold
+    path = save_checkpoint(tmp_path / "ckpt.pt", tokenizer_config=old_config, tokenizer=model.state_dict())
+    loaded, _, _ = load_models(path)
+    assert loaded.config.f0 == "conv"
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_bad_f0_is_a_one_line_error():
+    with pytest.raises(ValueError, match="f0 must be one of"):
+        MoVQConfig(f0="fft")
+    with pytest.raises(ValueError, match="z_channels divisible by 2"):
+        MoVQConfig(f0="fourier", pre_quant_channels=7)
