@@ -1,6 +1,6 @@
 """Export ckpt.pt to an engine directory of ONNX graphs, validated against PyTorch.
 
-    python export/to_onnx.py ckpt.pt [--out engines/] [--steps 8] [--fp16] [--int8]
+    python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--fp16] [--int8]
 
 Writes encoder.onnx, decoder.onnx, prior.onnx (+ encoder.fp16.onnx, decoder.fp16.onnx, prior.fp16.onnx with
 --fp16, prior.int8.onnx with --int8) and manifest.json (movq_deploy.manifest). The graphs are the torch modules of
@@ -23,15 +23,14 @@ import sys
 
 from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.specs import ExportError, one_line
-from movq_deploy.sampling import SamplingDefaults
 
 
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="ckpt.pt with a tokenizer and a prior")
     parser.add_argument("--out", default="engines", help="engine directory to write (replaced atomically)")
-    parser.add_argument("--steps", type=int, default=SamplingDefaults.steps,
-                        help=f"sampling steps recorded as the default ({SamplingDefaults.steps})")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps recorded as the default (default: "
+                                                                "the paper's, 12 for class-conditional priors, else 8)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
     parser.add_argument("--int8", action="store_true", help="also write prior.int8.onnx (dynamic int8, ONNX Runtime CPU)")
     args = parser.parse_args(argv)

@@ -82,6 +82,12 @@ def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[st
     return graphs, validation
 
 
+def paper_steps(conditional: bool) -> int:
+    """The paper's number of MaskGIT steps T: 8 for its unconditional model (FFHQ), 12 for its class-conditional
+    one (ImageNet)."""
+    return 12 if conditional else 8
+
+
 def load_exportable(ckpt_path: Path):
     """(movq, prior, ckpt) of a two-stage checkpoint whose prior fits its tokenizer; else a one-line ValueError."""
     try:
@@ -101,17 +107,20 @@ def load_exportable(ckpt_path: Path):
 def export_engine_dir(
     ckpt_path: "str | os.PathLike[str]",
     out: "str | os.PathLike[str]" = "engines",
-    steps: int = SamplingDefaults.steps,
+    steps: "int | None" = None,
     fp16: bool = False,
     int8: bool = False,
     log: Callable[[str], None] = print,
 ) -> EngineDir:
-    """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written."""
-    if steps <= 0:
+    """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written.
+
+    `steps` is the sampling default recorded in the manifest; None follows the paper (`paper_steps`)."""
+    if steps is not None and steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     out, ckpt_path = Path(out), Path(ckpt_path)
     _check_out(out)
     movq, prior, ckpt = load_exportable(ckpt_path)
+    steps = steps if steps is not None else paper_steps(prior.config.conditional)
     started = time.perf_counter()
     specs = graph_specs(movq, prior)
     work = make_work_dir(out)
