@@ -8,6 +8,7 @@ import torch
 
 from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.precision import fourier_phase
+from movq_deploy.export.tensorrt_lint import lint_file
 from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
@@ -46,11 +47,14 @@ def test_positional_and_learned_f0_export_and_match_pytorch(tmp_path, f0, num_cl
     assert manifest.model["tokenizer"]["f0"] == f0
     ops = {node.op_type for node in onnx.load(str(engine_dir / "decoder.onnx")).graph.node}
     assert not {"Sin", "Cos"} & ops  # the table is a constant of the graph, not computed per call
+    assert lint_file(engine_dir / "decoder.onnx") == []  # TensorRT's parser rules and operator table
 
 
 def test_fourier_f0_exports_with_its_phase_in_fp32_in_the_fp16_decoder(tmp_path):
     engine_dir, manifest = _export(tmp_path, "fourier", fp16=True)
     assert manifest.validation["fp32"]["decoder"]["max_pixel_error"] <= 1  # vs PyTorch (the exporter checks)
+    for file in ("decoder.onnx", "decoder.fp16.onnx"):  # Sin and Cos are in TensorRT's ONNX operator table
+        assert lint_file(engine_dir / file) == [], file
     fp16 = onnx.load(str(engine_dir / "decoder.fp16.onnx"))
     dtypes = _dtypes(fp16)
     producer = {out: node for node in fp16.graph.node for out in node.output}
