@@ -3,9 +3,10 @@
     python train/tokenizer.py --config tiny --out runs/tiny [--data DIR] [--steps N] [--resume]
     torchrun --nproc_per_node 2 train/tokenizer.py ...        # DDP: gloo on CPU, nccl on GPU
 
-Loss (VQGAN's recipe): L1 (or L2) reconstruction + quantizer loss (codebook + beta * commitment) + LPIPS perceptual
-loss when VGG16 weights are on this machine (never downloaded) + a PatchGAN hinge discriminator from --disc-start,
-weighted by VQGAN's adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer.
+Loss (VQGAN's recipe, with the paper's L2 reconstruction term): L2 (or L1) reconstruction + quantizer loss
+(codebook + beta * commitment) + LPIPS perceptual loss when VGG16 weights are on this machine (never downloaded) + a
+PatchGAN hinge discriminator from --disc-start, weighted by VQGAN's adaptive weight ||grad rec|| / ||grad gan|| at
+the decoder's last layer.
 
 Writes into --out: ckpt.pt (the deliverable, see movq_deploy.models.checkpoint), resume_tokenizer.pt (weights,
 optimizers, discriminator, RNG, step: what --resume continues from), metrics_tokenizer.jsonl, reconstructions.png
@@ -43,16 +44,18 @@ EVAL_BATCH = 64  # held-out crops encoded and decoded per call
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="tiny", help="MoVQConfig preset: tiny | paper-f16 | vqgan-f16")
-    p.add_argument("--data", default=None, help="folder of images (a class is a sub-folder); default: the "
-                                                "photographs shipped with scikit-image")
+    p.add_argument("--config", default="tiny", help="MoVQConfig preset: tiny | digits | paper-f16 | vqgan-f16")
+    p.add_argument("--data", default=None, help="folder of images (a class is a sub-folder), or sklearn:digits "
+                                                "(scikit-learn's handwritten digits); default: the photographs "
+                                                "shipped with scikit-image")
     p.add_argument("--out", default="runs/tiny", help="run folder (ckpt.pt, metrics.jsonl, ...)")
     p.add_argument("--steps", type=int, default=1800, help="total optimizer steps (with --resume: the new total)")
     p.add_argument("--batch-size", type=int, default=16, help="images per process and step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to lr/10")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--rec-loss", choices=("l1", "l2"), default="l1")
+    p.add_argument("--rec-loss", choices=("l1", "l2"), default="l2",
+                   help="reconstruction loss: l2 (the paper's eq. 3, default) or l1 (taming's VQGAN)")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="used only when VGG16 weights are found")
     p.add_argument("--perceptual-weights", default=None, help="torchvision vgg16-397923af.pth (default: torch hub "
                                                               "cache); nothing is downloaded")

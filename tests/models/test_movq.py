@@ -110,6 +110,24 @@ def test_spatial_norm_is_eq4_with_nearest_resize():
     assert not torch.allclose(gamma[..., 0, 0], gamma[..., 0, 4])
 
 
+def test_spatial_norm_affine_groupnorm_folds_into_eq4():
+    """gamma(z)(a x^ + b) + beta(z) == gamma'(z) x^ + beta'(z) with gamma' = a gamma, beta' = beta + b gamma: both
+    1x1 convs of z again, so the affine GroupNorm (kept for diffusers' weights) adds no function beyond eq. 4."""
+    torch.manual_seed(0)
+    norm = SpatialNorm(channels=8, zq_channels=3, groups=4)
+    for p in norm.parameters():
+        torch.nn.init.normal_(p)
+    a, b = norm.norm_layer.weight.detach(), norm.norm_layer.bias.detach()
+    wy, by = norm.conv_y.weight.detach()[:, :, 0, 0], norm.conv_y.bias.detach()
+    wb, bb = norm.conv_b.weight.detach()[:, :, 0, 0], norm.conv_b.bias.detach()
+    f, zq = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 2, 2)
+    z = F.interpolate(zq, size=(4, 4), mode="nearest")
+    gamma = torch.einsum("oc,bchw->bohw", a[:, None] * wy, z) + (a * by)[:, None, None]
+    beta = torch.einsum("oc,bchw->bohw", wb + b[:, None] * wy, z) + (bb + b * by)[:, None, None]
+    x_hat = F.group_norm(f, 4, eps=1e-6)  # eq. 4's normalised feature, no affine
+    torch.testing.assert_close(norm(f, zq), x_hat * gamma + beta, rtol=1e-4, atol=1e-5)
+
+
 def count_spatial_norms(module):
     return sum(isinstance(m, SpatialNorm) for m in module.modules())
 
