@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
+DIGITS := $(DEMO)/digits
 # torch is pinned first: this CPU build lies on the machines' disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
@@ -22,20 +23,25 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) train/tokenizer.py --config tiny --out $(DEMO)
-	$(PY) train/prior.py --ckpt $(DEMO)/ckpt.pt
-	$(PY) export/to_onnx.py $(DEMO)/ckpt.pt --out $(DEMO)/engines --int8
-	$(VENV)/bin/movq-deploy sample --engine-dir $(DEMO)/engines -n 64 --seed 0 --out $(DEMO)/samples.png
-	$(PY) scripts/demo_grids.py --ckpt $(DEMO)/ckpt.pt --engine-dir $(DEMO)/engines --out $(DEMO)
-	$(PY) benchmarks/latency.py --quick --engine-dir $(DEMO)/engines --ckpt $(DEMO)/ckpt.pt --out $(DEMO)/latency
-	@echo "demo done:"
-	@echo "  checkpoint (both stages)     $(DEMO)/ckpt.pt   (metrics: $(DEMO)/metrics_*.jsonl)"
-	@echo "  tokenizer reconstructions    $(DEMO)/reconstructions.png"
-	@echo "  ONNX graphs + manifest       $(DEMO)/engines/"
-	@echo "  64 samples, ONNX Runtime     $(DEMO)/samples.png"
-	@echo "  64 samples, PyTorch          $(DEMO)/reference_samples.png"
-	@echo "  inpaint / outpaint grid      $(DEMO)/edit.png"
-	@echo "  latency (JSON, plot)         $(DEMO)/latency/"
+	@echo "== photographs: the tokenizer alone (its reconstructions of held-out crops) =="
+	$(PY) train/tokenizer.py --config tiny --out $(DEMO)/photos --steps 900
+	@echo "== handwritten digits: tokenizer, class-conditional prior, export, samples and inpainting =="
+	$(PY) train/tokenizer.py --config digits --data sklearn:digits --out $(DIGITS) --steps 1200
+	$(PY) train/prior.py --ckpt $(DIGITS)/ckpt.pt --steps 1500
+	$(PY) export/to_onnx.py $(DIGITS)/ckpt.pt --out $(DIGITS)/engines --int8
+	$(VENV)/bin/movq-deploy sample --engine-dir $(DIGITS)/engines -n 64 --seed 0 --out $(DEMO)/samples.png
+	$(PY) scripts/demo_digits.py --engine-dir $(DIGITS)/engines --out $(DEMO)
+	$(PY) scripts/demo_grids.py --ckpt $(DIGITS)/ckpt.pt --engine-dir $(DIGITS)/engines --out $(DEMO)
+	$(PY) benchmarks/latency.py --quick --engine-dir $(DIGITS)/engines --ckpt $(DIGITS)/ckpt.pt --out $(DEMO)/latency
+	@echo "demo done (README.md, 'What make demo shows'):"
+	@echo "  photo tokenizer reconstructions    $(DEMO)/photos/reconstructions.png"
+	@echo "  digits: one row per class 0..9     $(DEMO)/digits_samples.png   (judge's agreement: $(DEMO)/digits_report.json)"
+	@echo "  digits: lower halves inpainted     $(DEMO)/digits_inpaint.png"
+	@echo "  64 samples, no class (CLI)         $(DEMO)/samples.png"
+	@echo "  64 samples, PyTorch reference      $(DEMO)/reference_samples.png"
+	@echo "  inpaint / outpaint grid            $(DEMO)/edit.png"
+	@echo "  checkpoint, ONNX graphs, manifest  $(DIGITS)/ckpt.pt, $(DIGITS)/engines/"
+	@echo "  latency (JSON, plot)               $(DEMO)/latency/"
 
 browser:
 	@if command -v chromedriver >/dev/null 2>&1; then :; \

@@ -198,7 +198,7 @@ class MoVQConfig:
     @classmethod
     def preset(cls, name: str) -> "MoVQConfig":
         """"paper-f16" (MoVQ, 256² -> 16x16x4), "vqgan-f16" (its VQGAN baseline, 256² -> 16x16x1), "tiny" (64² ->
-        8x8x4, the CPU default)."""
+        8x8x4, the CPU default), "digits" (32² -> 4x4x4, the demo's handwritten digits)."""
         if name == "paper-f16":
             return cls(image_size=256, block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2,
                        attention_levels=(4,), norm_groups=32, latent_channels=256, num_chunks=4,
@@ -209,7 +209,9 @@ class MoVQConfig:
                        codebook_size=1024, modulation="none")
         if name == "tiny":
             return cls()
-        raise ValueError(f"unknown MoVQ preset {name!r}; choose one of 'paper-f16', 'vqgan-f16', 'tiny'")
+        if name == "digits":  # the tiny model at 32²: 4x4x4 indices, Fourier F0 as the paper
+            return cls(image_size=32, f0="fourier")
+        raise ValueError(f"unknown MoVQ preset {name!r}; choose one of 'paper-f16', 'vqgan-f16', 'tiny', 'digits'")
 
 
 # ---- building blocks ---------------------------------------------------------------------------------------------

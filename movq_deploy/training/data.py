@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 
 from movq_deploy.training.folder import IMAGE_EXTENSIONS, TRAIN_SCALE, FolderData, is_images_split, load_index
 from movq_deploy.training.shards import ShardData, is_shard_spec
+from movq_deploy.training.digits import SOURCE as DIGITS_SOURCE
+from movq_deploy.training.digits import DigitsData
 
 # Real colour photographs in skimage/data (synthetic charts, greyscale and RGBA files are left out; of the
 # motorcycle stereo pair only the left view is used, the right one shows the same scene).
@@ -235,10 +237,13 @@ def folder_data(root: "str | Path", image_size: int, index_cache: "str | Path | 
 
 
 def load_data(data_dir: "str | Path | None", image_size: int,
-              index_cache: "str | Path | None" = None) -> "ImageData | FolderData | ShardData":
-    """`--data DIR` (or tar shards, see shards.py) if given, else the embedded photographs."""
+              index_cache: "str | Path | None" = None) -> "ImageData | FolderData | ShardData | DigitsData":
+    """`--data DIR` (or tar shards, see shards.py; or "sklearn:digits", scikit-learn's handwritten digits) if given,
+    else the embedded photographs."""
     if data_dir is None:
         return embedded_data(image_size)
+    if str(data_dir) == DIGITS_SOURCE:
+        return DigitsData(image_size)
     if is_shard_spec(data_dir):
         return ShardData(str(data_dir), image_size)
     return folder_data(data_dir, image_size, index_cache)
