@@ -165,7 +165,7 @@ def test_decoder_output_depends_on_modulation_input():
 
 
 @pytest.mark.parametrize("name,image,grid", [("paper-f16", 256, (16, 16, 4)), ("vqgan-f16", 256, (16, 16, 1)),
-                                             ("tiny", 64, (8, 8, 4))])
+                                             ("tiny", 64, (8, 8, 4)), ("digits", 32, (4, 4, 4))])
 def test_preset_shapes(name, image, grid):
     cfg = MoVQConfig.preset(name)
     assert cfg.image_size == image and cfg.grid == grid and cfg.latent_size == grid[0]
@@ -228,7 +228,7 @@ def test_bad_inputs_raise_one_line_errors():
             MoVQConfig(**bad)
 
 
-@pytest.mark.parametrize("name", ["paper-f16", "vqgan-f16", "tiny"])
+@pytest.mark.parametrize("name", ["paper-f16", "vqgan-f16", "tiny", "digits"])
 def test_to_dict_from_dict_round_trip_through_json(name):
     cfg = MoVQConfig.preset(name)
     d = json.loads(json.dumps(cfg.to_dict()))
