@@ -26,8 +26,8 @@ demo: install
 	@echo "== photographs: the tokenizer alone (its reconstructions of held-out crops) =="
 	$(PY) train/tokenizer.py --config tiny --out $(DEMO)/photos --steps 900
 	@echo "== handwritten digits: tokenizer, class-conditional prior, export, samples and inpainting =="
-	$(PY) train/tokenizer.py --config digits --data sklearn:digits --out $(DIGITS) --steps 1200
-	$(PY) train/prior.py --ckpt $(DIGITS)/ckpt.pt --steps 1500
+	$(PY) train/tokenizer.py --config digits --data sklearn:digits --out $(DIGITS) --steps 600
+	$(PY) train/prior.py --ckpt $(DIGITS)/ckpt.pt --steps 600
 	$(PY) export/to_onnx.py $(DIGITS)/ckpt.pt --out $(DIGITS)/engines --int8
 	$(VENV)/bin/movq-deploy sample --engine-dir $(DIGITS)/engines -n 64 --seed 0 --out $(DEMO)/samples.png
 	$(PY) scripts/demo_digits.py --engine-dir $(DIGITS)/engines --out $(DEMO)
