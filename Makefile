@@ -35,7 +35,8 @@ demo: install
 	$(PY) benchmarks/latency.py --quick --engine-dir $(DIGITS)/engines --ckpt $(DIGITS)/ckpt.pt --out $(DEMO)/latency
 	@echo "demo done (README.md, 'What make demo shows'):"
 	@echo "  photo tokenizer reconstructions    $(DEMO)/photos/reconstructions.png"
-	@echo "  digits: one row per class 0..9     $(DEMO)/digits_samples.png   (judge's agreement: $(DEMO)/digits_report.json)"
+	@echo "  digits: one row per class 0..9     $(DEMO)/digits_samples.png"
+	@echo "  the judge's agreement, per class   $(DEMO)/digits_report.json"
 	@echo "  digits: lower halves inpainted     $(DEMO)/digits_inpaint.png"
 	@echo "  64 samples, no class (CLI)         $(DEMO)/samples.png"
 	@echo "  64 samples, PyTorch reference      $(DEMO)/reference_samples.png"

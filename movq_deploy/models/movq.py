@@ -20,8 +20,8 @@ Two choices made here that the paper leaves open, stated once:
 - The initial feature F0 (`f0`; what the decoder's conv_in receives, z_channels wide, at the latent grid):
   "conv" = post_quant_conv(z_q), VQGAN's and diffusers' (and every checkpoint written before `f0` existed);
   "fourier" = the paper's choice (§3.1, Fig. 6a row C): per position gamma(z_q) = [cos 2piB.z_q, sin 2piB.z_q]
-  (Tancik et al. 2020) with B a fixed Gaussian matrix [z_channels/2, n_z], entries N(0, sigma^2 / n_z),
-  sigma = FOURIER_SIGMA = 1: each frequency's phase 2pi b.z_q then has a standard deviation of 2pi * sigma *
+  (Tancik et al. 2020) with B a fixed Gaussian matrix [z_channels/2, n_z], entries N(0, sigma^2 / n_z), sigma = 1
+  (initial_feature.FOURIER_SIGMA): each frequency's phase 2pi b.z_q then has a standard deviation of 2pi * sigma *
   rms(z_q), about one turn for unit-scale codes, so codes a fraction of their spread apart get distinct features
   (low sigma would blur neighbouring codes together, very high sigma makes the features of a code jump while the
   codebook is still moving). The width equals the conv's output it replaces, so conv_in keeps its shape; B is a
@@ -39,16 +39,16 @@ Parameter counts (encoder + decoder + quant convs + codebook; `MoVQ(cfg).num_par
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from movq_deploy.models.initial_feature import make_initial_feature
+
 MODULATIONS = ("none", "first", "all")
 INITIAL_FEATURES = ("conv", "fourier", "sinusoid", "learned")
-FOURIER_SIGMA = 1.0  # std of B times sqrt(n_z); see the module docstring
 
 
 def config_from_dict(cls, d: dict):
@@ -379,72 +379,6 @@ class Decoder(nn.Module):
         for level in self.up_blocks:
             h = level(h, zq)
         return self.conv_out(F.silu(self.conv_norm_out(h, zq)))  # (B, 3, H, W)
-
-
-# ---- the initial feature F0 --------------------------------------------------------------------------------------
-
-
-class FourierFeatures(nn.Module):
-    """gamma(z_q) = [cos 2piB.z_q, sin 2piB.z_q] per position: z_q (B, n_z, h, w) -> (B, width, h, w).
-
-    2piB is one fixed buffer [width/2, n_z, 1, 1], so the phase is a single 1x1 Conv; fp16 exports keep that Conv
-    and the Sin/Cos in fp32 (a phase of tens of radians keeps only ~0.03 rad of precision in fp16).
-    """
-
-    def __init__(self, zq_channels: int, width: int, sigma: float = FOURIER_SIGMA):
-        super().__init__()
-        b = torch.randn(width // 2, zq_channels) * (sigma / math.sqrt(zq_channels))
-        self.register_buffer("frequencies", (2 * math.pi * b)[:, :, None, None])
-
-    def forward(self, zq: torch.Tensor) -> torch.Tensor:
-        phase = F.conv2d(zq.float(), self.frequencies)  # (B, width/2, h, w)
-        return torch.cat([phase.cos(), phase.sin()], dim=1)  # (B, width, h, w)
-
-
-def sinusoid_table(width: int, h: int, w: int) -> torch.Tensor:
-    """2-D sinusoidal positional embedding (Transformer frequencies; half the channels for y, half for x):
-    (1, width, h, w)."""
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (width/4,)
-
-    def embed(positions: torch.Tensor) -> torch.Tensor:  # (n,) -> (width/2, n)
-        angles = omega[:, None] * positions[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=0)
-
-    ys = embed(torch.arange(h, dtype=torch.float64))[:, :, None].expand(-1, h, w)
-    xs = embed(torch.arange(w, dtype=torch.float64))[:, None, :].expand(-1, h, w)
-    return torch.cat([ys, xs], dim=0)[None].float()
-
-
-class SinusoidFeature(nn.Module):
-    """F0 = a fixed 2-D sinusoidal positional embedding, the same for every image (z_q only modulates)."""
-
-    def __init__(self, width: int, h: int, w: int):
-        super().__init__()
-        self.register_buffer("table", sinusoid_table(width, h, w), persistent=False)  # a function of the config
-
-    def forward(self, zq: torch.Tensor) -> torch.Tensor:
-        return self.table.expand(zq.shape[0], -1, -1, -1)  # (B, width, h, w)
-
-
-class LearnedFeature(nn.Module):
-    """F0 = a learned constant (StyleGAN's input), the same for every image (z_q only modulates)."""
-
-    def __init__(self, width: int, h: int, w: int):
-        super().__init__()
-        self.constant = nn.Parameter(torch.randn(1, width, h, w))
-
-    def forward(self, zq: torch.Tensor) -> torch.Tensor:
-        return self.constant.expand(zq.shape[0], -1, -1, -1)  # (B, width, h, w)
-
-
-def make_initial_feature(cfg: MoVQConfig) -> nn.Module:
-    """F0 for cfg.f0 other than "conv": z_q (B, n_z, h, w) -> (B, z_channels, h, w), the decoder's conv_in input."""
-    if cfg.f0 == "fourier":
-        return FourierFeatures(cfg.latent_channels, cfg.z_channels)
-    if cfg.f0 == "sinusoid":
-        return SinusoidFeature(cfg.z_channels, cfg.latent_size, cfg.latent_size)
-    return LearnedFeature(cfg.z_channels, cfg.latent_size, cfg.latent_size)
 
 
 class MultichannelQuantizer(nn.Module):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from movq_deploy.models.checkpoint import load_models, save_checkpoint
-from movq_deploy.models.movq import FOURIER_SIGMA, MoVQ, MoVQConfig, MultichannelQuantizer, SpatialNorm, sinusoid_table
+from movq_deploy.models.initial_feature import FOURIER_SIGMA, sinusoid_table
+from movq_deploy.models.movq import MoVQ, MoVQConfig, MultichannelQuantizer, SpatialNorm
 
 
 def tiny_model(seed=0, **overrides):
