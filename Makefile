@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
-DIGITS := $(DEMO)/digits
+# The digits model is the demo's model: its ckpt.pt and engines/ lie where the benchmarks look for them.
+DIGITS := $(DEMO)
 # torch is pinned first: this CPU build lies on the machines' disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
