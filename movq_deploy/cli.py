@@ -113,7 +113,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     def given(name: str):
         return getattr(args, name, None)
 
-    for name, flag, low in (("n", "-n", 1), ("nrow", "--nrow", 1), ("batch_size", "--batch-size", 1),
+    for name, flag, low in (("n", "-n", 1), ("nrow", "--nrow", 1), ("batch_size", "--batch-size", 1), ("threads", "--threads", 1),
                             ("steps", "--steps", 1), ("seed", "--seed", 0)):
         if given(name) is not None and given(name) < low:
             raise ValueError(f"{flag} must be {'positive' if low else 'non-negative'}, got {given(name)}")
@@ -158,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--backend", default="auto", choices=BACKENDS)
         sub.add_argument("--precision", default="auto", choices=PRECISIONS)
         sub.add_argument("--batch-size", type=int, default=None, help="most images per engine call")
+        sub.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
+        sub.add_argument("--shared-pool", action=argparse.BooleanOptionalAction, default=None,
+                         help="one process-wide ONNX Runtime thread pool for all graphs, with spinning workers (a "
+                              "setting of the whole process; default: off)")
         return sub
 
     def sampling_options(sub: argparse.ArgumentParser) -> None:
@@ -201,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
 def _generator(args: argparse.Namespace):
     from movq_deploy.generator import Generator
 
-    return Generator(args.engine_dir, backend=args.backend, precision=args.precision, batch_size=args.batch_size)
+    return Generator(args.engine_dir, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                     threads=args.threads, shared_pool=bool(args.shared_pool))
 
 
 def _seed(seed: Optional[int]) -> int:

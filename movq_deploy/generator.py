@@ -41,6 +41,11 @@ class Generator:
     precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime), "fp32", "fp16" or "int8" (int8 prior).
     batch_size: the most images per engine call (default: 64 for the prior step and 16 for the encoder and decoder,
     or the engines' largest batch when that is smaller).
+    threads: ONNX Runtime's intra-op threads (default: the physical cores). shared_pool=True puts the three graphs
+    on ONNX Runtime's process-wide thread pool, with spinning workers (faster for small batches on cores of its own,
+    slower on a busy machine: BENCHMARKS.md). It
+    is a setting of the whole process, taken once: every Generator of the process asking for it must use the same
+    `threads`. Both are ignored on TensorRT.
     `with Generator(dir) as gen:` frees the engines' memory at the end of the block (or call `close()`).
     """
 
@@ -50,11 +55,15 @@ class Generator:
         backend: str = "auto",
         precision: str = "auto",
         batch_size: Optional[int] = None,
+        threads: Optional[int] = None,
+        shared_pool: bool = False,
     ):
-        if batch_size is not None and not (sampling.is_int(batch_size) and batch_size > 0):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("threads", threads)):
+            if value is not None and not (sampling.is_int(value) and value > 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.engine_dir = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.load(engine_dir)
-        self.backend = open_runners(self.engine_dir, backend=backend, precision=precision)
+        self.backend = open_runners(self.engine_dir, backend=backend, precision=precision, threads=threads,
+                                    shared_pool=bool(shared_pool))
         self.backend_name = self.backend.name
         self.backend_reason = self.backend.reason
         self.precision = self.backend.precision

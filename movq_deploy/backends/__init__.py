@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from movq_deploy.backends.base import Runner, TensorSpec, optional_import
 from movq_deploy.manifest import EngineDir
@@ -37,7 +37,8 @@ class Backend:
     runners: Dict[str, Runner]  # {"encoder", "decoder", "prior"}
 
 
-def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = "auto") -> Backend:
+def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = "auto",
+                 threads: Optional[int] = None, shared_pool: bool = False) -> Backend:
     """Opens the encoder, decoder and prior-step runners of `engine_dir` on `backend`.
 
     backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider when it
@@ -61,7 +62,7 @@ def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = 
         why_not = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)"
         if ort_backend.cuda_available():
             try:
-                runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cuda")
+                runners = ort_backend.open_onnxruntime_runners(engine_dir, files, "cuda", threads, shared_pool)
                 reason = "; ".join(skipped + ["ONNX Runtime's CUDAExecutionProvider is in use"])
                 return _chosen(Backend("onnxruntime-cuda", reason, ort_precision, runners))
             except ort_backend.CudaProviderUnavailable as error:
@@ -69,7 +70,7 @@ def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = 
         if backend == "onnxruntime-cuda":
             raise RuntimeError(f"backend 'onnxruntime-cuda' is not usable here: {why_not}")
         skipped.append(f"ONNX Runtime CUDA not used ({why_not})")
-    runners = ort_backend.open_onnxruntime_runners(engine_dir, files, device="cpu")
+    runners = ort_backend.open_onnxruntime_runners(engine_dir, files, "cpu", threads, shared_pool)
     reason = "; ".join(skipped) if skipped else "requested"
     return _chosen(Backend("onnxruntime-cpu", reason + " -> ONNX Runtime on the CPU", ort_precision, runners))
 

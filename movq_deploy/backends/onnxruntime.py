@@ -18,6 +18,7 @@ It could not be run on the development machine (no GPU); it is kept deliberately
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -55,15 +56,43 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def cpu_session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+_shared_pool_threads: Optional[int] = None  # the size of this process's shared pool, once made
+_shared_pool_lock = threading.Lock()
+
+
+def use_shared_thread_pool(threads: Optional[int] = None) -> int:
+    """Makes ONNX Runtime's process-wide intra-op thread pool (`threads`, default: the physical cores), which every
+    session opened with shared_pool=True then uses instead of a pool of its own; returns its size.
+
+    A process-wide setting: ONNX Runtime takes it once per process, so a later call asking for another size raises
+    ValueError. Its workers spin while waiting (ONNX Runtime's default), which the per-session pools do not: one
+    pool for the three graphs means no two pools spin against each other.
+    """
+    global _shared_pool_threads
+    threads = threads or physical_cores() or os.cpu_count() or 1
+    with _shared_pool_lock:
+        if _shared_pool_threads is None:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _shared_pool_threads = threads
+        elif _shared_pool_threads != threads:
+            raise ValueError(f"this process's shared ONNX Runtime thread pool already has {_shared_pool_threads} "
+                             f"threads; it is set once per process (asked for {threads})")
+    return threads
+
+
+def cpu_session_options(threads: Optional[int] = None, shared_pool: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # the graphs are chains: nothing to run in parallel
-    options.intra_op_num_threads = threads or physical_cores()
-    options.inter_op_num_threads = 1
-    # Idle intra-op threads sleep instead of spinning: on a busy or shared CPU, spinning workers steal the cores the
-    # other threads need (sample(n=64) ran 2.1x faster without spinning on the shared 2-core dev machine).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shared_pool:
+        use_shared_thread_pool(threads)
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads or physical_cores()
+        options.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: on a busy or shared CPU, the spinning workers of the
+        # three sessions' pools steal the cores the other threads need (BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: the default prints a warning per unused initializer
     return options
 
@@ -81,10 +110,11 @@ class OnnxRuntimeRunner(BaseRunner):
     such a session can crash (onnxruntime#21865), so it raises CudaProviderUnavailable instead.
     """
 
-    def __init__(self, path: "str | os.PathLike[str]", device: str = "cpu", threads: Optional[int] = None):
+    def __init__(self, path: "str | os.PathLike[str]", device: str = "cpu", threads: Optional[int] = None,
+                 shared_pool: bool = False):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        options = cpu_session_options(threads)
+        options = cpu_session_options(threads, shared_pool)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
@@ -123,10 +153,13 @@ class OnnxRuntimeRunner(BaseRunner):
 
 
 def open_onnxruntime_runners(
-    engine_dir: EngineDir, entries: Dict[str, dict], device: str = "cpu"
+    engine_dir: EngineDir, entries: Dict[str, dict], device: str = "cpu", threads: Optional[int] = None,
+    shared_pool: bool = False,
 ) -> Dict[str, OnnxRuntimeRunner]:
-    """{graph name: runner} for the manifest entries {graph name: {"file", "sha256", ...}}, each file verified first."""
-    return {name: OnnxRuntimeRunner(engine_dir.verify(entry), device=device) for name, entry in entries.items()}
+    """{graph name: runner} for the manifest entries {graph name: {"file", "sha256", ...}}, each file verified first;
+    threads / shared_pool: see `cpu_session_options` and `use_shared_thread_pool`."""
+    return {name: OnnxRuntimeRunner(engine_dir.verify(entry), device, threads, shared_pool)
+            for name, entry in entries.items()}
 
 
 def _spec(arg) -> TensorSpec:

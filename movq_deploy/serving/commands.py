@@ -56,7 +56,8 @@ def serve(args: argparse.Namespace) -> int:
     service = ServiceConfig(args.engine_dir, backend=args.backend, precision=args.precision,
                             batching=args.batching, capacity=args.batch_size or 64,
                             max_queued_images=args.max_queued_images, max_request_images=args.max_request_images,
-                            max_steps=args.max_steps, request_timeout_s=args.request_timeout, page=args.ui)
+                            max_steps=args.max_steps, request_timeout_s=args.request_timeout, page=args.ui,
+                            threads=args.threads, shared_pool=bool(args.shared_pool))
     scale = ScaleConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                         target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.cpus_per_replica,
                         num_gpus=args.gpus_per_replica)

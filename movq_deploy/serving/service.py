@@ -40,6 +40,11 @@ class ServiceConfig:
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
     retry_after_s: int = 1  # the Retry-After of a 503
     page: bool = False  # also serve the web page at /ui over this service (needs the ui extra: gradio)
+    threads: Optional[int] = None  # ONNX Runtime threads per replica (default: the physical cores)
+    # One process-wide ONNX Runtime pool per replica process (`serve --shared-pool`). Off by default: its spinning
+    # workers made sample(n=1) 2.2x slower on a busy 2-core machine (BENCHMARKS.md); turn it on where a replica has
+    # its cores to itself.
+    shared_pool: bool = False
 
     def __post_init__(self):
         if self.batching not in BATCHING_MODES:
@@ -61,7 +66,8 @@ class ImageService:
 
     def __init__(self, config: ServiceConfig):
         self.config = config
-        self.generator = Generator(config.engine_dir, backend=config.backend, precision=config.precision)
+        self.generator = Generator(config.engine_dir, backend=config.backend, precision=config.precision,
+                                   threads=config.threads, shared_pool=config.shared_pool)
         self.scheduler: Optional[Scheduler] = None
         self._held_images = 0  # images accepted and not answered yet ("request" and "none" modes)
         self._lock = asyncio.Lock()  # "none" mode, and edits in "request" mode: one engine call sequence at a time
