@@ -202,8 +202,9 @@ def run_benchmark(args, candidates, engines, flops, gemm, threads: int) -> list:
         update_gemm(gemm, gemm_rate(threads, budget_s=0.4))
         for stage in STAGES:
             for candidate in candidates:
-                if candidate.precision == "int8" and stage in ("decode", "encode"):
-                    continue  # an int8 engine directory quantizes the prior only
+                if candidate.precision == "int8" and stage in ("decode", "encode") and \
+                        engines.graph("int8", _graph(stage)) is None:
+                    continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
                 row = {"backend": candidate.backend, "precision": candidate.precision, "device": candidate.device,
                        "stage": stage, "batch": batch}
                 gemm_gflops = gemm["gpu_fp16_gflops"] if candidate.device == "cuda" else gemm["cpu_fp32_gflops"]
@@ -269,8 +270,10 @@ def top_token_agreement(fp32_runner, int8_runner, engines: EngineDir, tokens: np
     return float((reference[masked] == candidate[masked]).mean())
 
 
-def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: list) -> list:
-    """The CPU speed targets as ratios measured in this run: [{"target", "value", "met"}] (met None = not measured)."""
+def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: list,
+                     int8_validation: Optional[dict] = None) -> list:
+    """The CPU speed targets as ratios measured in this run: [{"target", "value", "met"}] (met None = not measured).
+    `int8_validation`: the manifest's int8 agreement figures, measured at export on held-out data."""
     def find(backend, precision, stage, batch):
         for row in rows:
             if (row["backend"], row["precision"], row["stage"], row["batch"]) == (backend, precision, stage, batch):
@@ -299,6 +302,7 @@ def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: l
                       ", ".join(f"batch {b}: {s:.2f}x" for b, s in int8.items())))
     out.append(target("int8 prior top-token agreement >= 95%", int8_agreement,
                       None if int8_agreement is None else int8_agreement >= 0.95))
+    out += int8_image_targets(find(ort, "fp32", "decode", 16), find(ort, "int8", "decode", 16), int8_validation or {})
     generator = find(ort, "fp32", "sample", 64)
     overhead = generator.get("loop_overhead") if generator else None
     out.append(target("loop overhead <= 3% of sample(n=64)", overhead, None if overhead is None else overhead <= 0.03))
@@ -310,6 +314,22 @@ def evaluate_targets(rows: list, int8_agreement: Optional[float], batch_sizes: l
     out.append(target("Generator.sample(n=64) not slower than torch.compile", ratio,
                       None if ratio is None else ratio >= 1.0))
     return out
+
+
+def int8_image_targets(fp32_decode: Optional[dict], int8_decode: Optional[dict], validation: dict) -> list:
+    """The int8 image graphs' targets: decode speed at batch 16 (this run), decoded PSNR and encoder index
+    agreement against the fp32 graphs (the manifest's, measured at export on held-out data)."""
+    speedup = fp32_decode["p50_ms"] / int8_decode["p50_ms"] if fp32_decode and int8_decode else None
+    psnr = validation.get("decoder", {}).get("psnr_db")
+    agreement = validation.get("encoder", {}).get("index_agreement")
+    return [
+        {"target": "int8 decode >= 1.8x fp32 ORT (batch 16)", "value": speedup,
+         "met": None if speedup is None else speedup >= 1.8, "detail": ""},
+        {"target": "int8 decoded PSNR vs fp32 >= 35 dB (held-out grids)", "value": psnr,
+         "met": None if psnr is None else psnr >= 35.0, "detail": "", "unit": "dB"},
+        {"target": "int8 encoder index agreement >= 97%", "value": agreement,
+         "met": None if agreement is None else agreement >= 0.97, "detail": ""},
+    ]
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -360,7 +380,7 @@ def measure(args: argparse.Namespace) -> dict:
         "skipped_backends": skipped,
         "results": rows,
         "int8_top_token_agreement": int8_agreement,
-        "targets": evaluate_targets(rows, int8_agreement, args.batch_sizes),
+        "targets": evaluate_targets(rows, int8_agreement, args.batch_sizes, engines.validation.get("int8")),
     }
 
 

@@ -51,7 +51,9 @@ def targets_table(targets: list) -> str:
     lines = ["| target | measured | met |", "|---|---:|---|"]
     for t in targets:
         value = t["value"]
-        shown = "not measured" if value is None else (f"{value:.1%}" if "%" in t["target"] else f"{value:.2f}x")
+        unit = t.get("unit") or ("%" if "%" in t["target"] else "x")
+        shown = "not measured" if value is None else {"%": f"{value:.1%}", "dB": f"{value:.1f} dB",
+                                                      "x": f"{value:.2f}x"}[unit]
         met = {True: "met", False: "**missed**", None: "-"}[t["met"]]
         lines.append(f"| {t['target']} | {shown}{' (' + t['detail'] + ')' if t['detail'] else ''} | {met} |")
     return "\n".join(lines)

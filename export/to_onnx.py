@@ -1,10 +1,11 @@
 """Export ckpt.pt to an engine directory of ONNX graphs, validated against PyTorch.
 
-    python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--fp16] [--int8]
+    python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--fp16] [--int8 [--calibration-data DIR]]
 
 Writes encoder.onnx, decoder.onnx, prior.onnx (+ encoder.fp16.onnx, decoder.fp16.onnx, prior.fp16.onnx with
---fp16, prior.int8.onnx with --int8) and manifest.json (movq_deploy.manifest). The graphs are the torch modules of
-movq_deploy.models.graphs: uint8 images and int32 indices at the boundaries, a dynamic batch axis named "batch".
+--fp16, prior.int8.onnx, encoder.int8.onnx, decoder.int8.onnx with --int8) and manifest.json (movq_deploy.manifest).
+The graphs are the torch modules of movq_deploy.models.graphs: uint8 images and int32 indices at the boundaries, a
+dynamic batch axis named "batch".
 
 Every graph is checked (onnx.checker, shape inference, no Random*/Multinomial ops, TopK only with a constant K) and
 then run in ONNX Runtime (CPU) against PyTorch on fixed inputs at two batch sizes, as optimum validates its
@@ -32,10 +33,16 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps recorded as the default (default: "
                                                                 "the paper's, 12 for class-conditional priors, else 8)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
-    parser.add_argument("--int8", action="store_true", help="also write prior.int8.onnx (dynamic int8, ONNX Runtime CPU)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write int8 graphs for ONNX Runtime on the CPU: the prior (dynamic), the encoder and "
+                             "decoder (static, calibrated on --calibration-data)")
+    parser.add_argument("--calibration-data", metavar="DIR",
+                        help="images that calibrate the int8 encoder/decoder (default: the tokenizer's training data, "
+                             "else scikit-image's photographs)")
     args = parser.parse_args(argv)
     try:
-        export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8)
+        export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8,
+                          calibration_data=args.calibration_data)
     except (FileNotFoundError, ValueError, ExportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

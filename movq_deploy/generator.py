@@ -38,7 +38,8 @@ class Generator:
 
     backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider, else
     ONNX Runtime on the CPU), or one of "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu".
-    precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime), "fp32", "fp16" or "int8" (int8 prior).
+    precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime), "fp32", "fp16" or "int8" (int8 prior,
+    encoder and decoder: ONNX Runtime on the CPU).
     batch_size: the most images per engine call (default: 64 for the prior step and 16 for the encoder and decoder,
     or the engines' largest batch when that is smaller).
     threads: ONNX Runtime's intra-op threads (default: the physical cores). shared_pool=True puts the three graphs

@@ -13,10 +13,12 @@ by export/build_trt.py ("engines"); read by the runtime. torch-free. Layout
      "export": {"checkpoint", "checkpoint_sha256", "torch", "onnx", "onnxruntime", "seconds"},
      "engines": {precision: {graph name: {"file", "sha256", "onnx_sha256", ...}}}}   # export/build_trt.py
 
-precision is "fp32" | "fp16" | "int8" (int8: "prior" only, an ONNX Runtime CPU graph; the fp32 encoder and decoder
-go with it). A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
+precision is "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs, the dynamic int8 prior and the static int8
+encoder and decoder; directories exported before those list the prior only, and use the fp32 encoder and decoder).
+A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
 for the dynamic axis)}, as movq_deploy.contract names them. "validation" holds the errors measured at export (fp32
-against PyTorch, fp16 and int8 against the fp32 graph) and "export" the provenance (the checkpoint the engines came
+against PyTorch, fp16 and int8 against the fp32 graph; the int8 encoder's "index_agreement" and decoder's
+"psnr_db" on held-out data) and "export" the provenance (the checkpoint the engines came
 from and the tool versions), for people and for benchmarks/latency.py, which finds the checkpoint by it.
 Version 2 made the prior step's temperature and choice_scale per-image inputs [B]; version 1 took one value [1].
 """
@@ -164,11 +166,13 @@ class EngineDir:
     def graph_entries(self, precision: str) -> Dict[str, dict]:
         """{graph name: ONNX file entry} of the three graphs at `precision`; FileNotFoundError naming a missing one.
 
-        "int8" quantizes the prior only: its encoder and decoder are the fp32 graphs.
+        "int8": the int8 prior, encoder and decoder; a directory exported before the encoder and decoder were
+        quantized lists the int8 prior only, and its fp32 encoder and decoder are used.
         """
         entries = {}
         for name in GRAPH_NAMES:
-            graph_precision = "fp32" if precision == "int8" and name != "prior" else precision
+            fallback = precision == "int8" and name != "prior" and self.graph("int8", name) is None
+            graph_precision = "fp32" if fallback else precision
             entry = self.graph(graph_precision, name)
             if entry is None:
                 hint = {"int8": " (export with --int8)", "fp16": " (export with --fp16)"}.get(graph_precision, "")

@@ -17,7 +17,7 @@ CLASS_NAMES = ["red", "green", "blue"]
 @dataclass(frozen=True)
 class TinyEngines:
     ckpt: Path  # ckpt.pt of a tiny MoVQ + prior with random weights (seeded)
-    engine_dir: Path  # its export: fp32 encoder/decoder/prior (+ int8 prior), manifest.json
+    engine_dir: Path  # its export: fp32 encoder/decoder/prior (+ int8 graphs), manifest.json
     num_classes: int
     class_names: "list[str]"
 
@@ -63,7 +63,7 @@ def make_engine_dir():
 
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory) -> TinyEngines:
-    """A tiny class-conditional model (3 classes), exported with fp32 graphs and the int8 prior."""
+    """A tiny class-conditional model (3 classes), exported with fp32 graphs and the int8 ones."""
     return _export_tiny(tmp_path_factory.mktemp("tiny"), NUM_CLASSES, CLASS_NAMES, seed=0, int8=True)
 
 

@@ -259,11 +259,11 @@ def test_bad_indices_get_one_line(tiny_generator, bad, words):
     assert words in _one_line_error(excinfo)
 
 
-def test_int8_precision_uses_the_int8_prior(tiny_engines, tiny_generator):
+def test_int8_precision_uses_the_int8_graphs(tiny_engines, tiny_generator):
     generator = Generator(tiny_engines.engine_dir, precision="int8")
     assert generator.precision == "int8"
     assert generator.backend.runners["prior"].path.name == "prior.int8.onnx"
-    assert generator.backend.runners["decoder"].path.name == "decoder.onnx"
+    assert generator.backend.runners["decoder"].path.name == "decoder.int8.onnx"
     tokens = generator.sample_tokens(n=8, steps=4, seed=0)
     assert tokens.shape == (8, generator.num_slots) and tokens.max() < generator.codebook_size
     with pytest.raises(FileNotFoundError) as excinfo:  # this engine dir was exported without --fp16

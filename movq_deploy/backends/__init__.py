@@ -33,7 +33,7 @@ _ORT_INSTALL = "pip install .[cpu] (or .[gpu])"
 class Backend:
     name: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu"
     reason: str  # why this backend was chosen (and why the better ones were not)
-    precision: str  # "fp32" | "fp16" | "int8" (int8: the prior only; encoder and decoder stay fp32)
+    precision: str  # "fp32" | "fp16" | "int8" (ONNX Runtime CPU graphs: dynamic int8 prior, static int8 images)
     runners: Dict[str, Runner]  # {"encoder", "decoder", "prior"}
 
 
@@ -44,7 +44,7 @@ def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = 
     backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider when it
     starts, else ONNX Runtime on the CPU), "tensorrt", "onnxruntime" (CUDA provider if it starts, else CPU),
     "onnxruntime-cuda" or "onnxruntime-cpu". precision: "auto" (fp16 engines on TensorRT, fp32 graphs on ONNX
-    Runtime), "fp32", "fp16" or "int8" (int8 prior with fp32 encoder and decoder).
+    Runtime), "fp32", "fp16" or "int8" (the int8 prior, encoder and decoder).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

@@ -18,6 +18,7 @@ from movq_deploy.manifest import EngineDir, Grid
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
+from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import TOLERANCE, VALIDATION_BATCHES, compare_graphs, format_table, summary, validate_fp32
 from movq_deploy.models.checkpoint import load_models
@@ -41,10 +42,14 @@ def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
     return model, compare_graphs(spec, fp32_path, path)
 
 
-def _int8_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
-    """Quantized from the fp32 graph (its intermediate files in a scratch folder), and compared with it."""
+def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.ModelProto, dict]":
+    """Quantized from the fp32 graph (its intermediate files in a scratch folder), and compared with it: the prior
+    dynamically, the encoder and decoder statically, calibrated on `images` and compared on their held-out part."""
     fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
     with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
+        if spec.name != "prior":
+            figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
+            return onnx.load(str(path)), figures
         fusions = quantize_int8(spec, fp32_path, path, Path(scratch))
     agreement = compare_graphs(spec, fp32_path, path)
     return onnx.load(str(path)), {**agreement, "fusions": fusions}
@@ -54,21 +59,21 @@ def _int8_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
 PRECISIONS = {
     "fp32": (_fp32_graph, ("encoder", "decoder", "prior"), "", f"({EXPORTER}, opset {OPSET}) validated"),
     "fp16": (_fp16_graph, ("encoder", "decoder", "prior"), ".fp16", "vs fp32"),
-    "int8": (_int8_graph, ("prior",), ".int8", "vs fp32"),  # ONNX Runtime's CPU graph, not a TensorRT one
+    "int8": (_int8_graph, ("encoder", "decoder", "prior"), ".int8", "vs fp32"),  # ONNX Runtime CPU graphs only
 }
 
 
 def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[str]",
-                 log: Callable[[str], None]) -> "tuple[dict, dict]":
-    """Writes every graph of each precision into `work`, in order (fp16 and int8 start from the fp32 graph);
-    returns the manifest's "graphs" and "validation" entries."""
+                 log: Callable[[str], None], images: "ImageSets | None" = None) -> "tuple[dict, dict]":
+    """Writes every graph of each precision into `work`, in order (fp16 and int8 start from the fp32 graph; int8
+    calibrates the encoder and decoder on `images`); returns the manifest's "graphs" and "validation" entries."""
     graphs: dict = {}
     validation: dict = {}
     for precision in precisions:
         writer, names, infix, compared = PRECISIONS[precision]
         for name in names:
             tick = time.perf_counter()
-            model, figures = writer(specs[name], work)
+            model, figures = writer(specs[name], work, images) if precision == "int8" else writer(specs[name], work)
             validation.setdefault(precision, {})[name] = figures
             graphs.setdefault(precision, {})[name] = mf.file_entry(
                 work, f"{name}{infix}.onnx", opset=OPSET, exporter=EXPORTER,
@@ -111,10 +116,13 @@ def export_engine_dir(
     fp16: bool = False,
     int8: bool = False,
     log: Callable[[str], None] = print,
+    calibration_data: "str | os.PathLike[str] | None" = None,
 ) -> EngineDir:
     """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written.
 
-    `steps` is the sampling default recorded in the manifest; None follows the paper (`paper_steps`)."""
+    `steps` is the sampling default recorded in the manifest; None follows the paper (`paper_steps`). int8: the
+    dynamic int8 prior and the static int8 encoder and decoder, calibrated on `calibration_data` (an image folder;
+    default: the data the tokenizer was trained on, else scikit-image's photographs)."""
     if steps is not None and steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     out, ckpt_path = Path(out), Path(ckpt_path)
@@ -126,7 +134,9 @@ def export_engine_dir(
     work = make_work_dir(out)
     try:
         precisions = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8
-        graphs, validation = write_graphs(specs, work, precisions, log)
+        images = load_image_sets(movq.config.image_size, ImageQuantConfig.calibration_images, calibration_data,
+                                 ckpt.get("record")) if int8 else None
+        graphs, validation = write_graphs(specs, work, precisions, log, images)
         engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, steps, graphs, validation,
                                       seconds=time.perf_counter() - started)
         engine_dir.engines = carry_over_engines(out, work, graphs)

@@ -42,7 +42,7 @@ def test_every_backend_stage_and_batch_is_timed_with_finite_positive_numbers(rep
         for stage in STAGES:
             assert ("onnxruntime-cpu", "fp32", stage, batch) in timed
             assert ("pytorch-eager", "fp32", stage, batch) in timed
-        for stage in ("prior_step", "sample"):  # the tiny engines hold an int8 prior
+        for stage in STAGES:  # the tiny engines hold the int8 prior, encoder and decoder
             assert ("onnxruntime-cpu", "int8", stage, batch) in timed
     for row in rows:
         if "p50_ms" not in row:
@@ -64,7 +64,9 @@ def test_loop_overhead_and_targets(report):
         assert 0.0 < row["engine_share"] <= 1.0
         assert row["loop_overhead"] == pytest.approx(1.0 - row["engine_share"])
         assert row["engine_calls_per_sample"] == 2 + 1  # --steps 2 prior steps + one decode
-    assert len(report["targets"]) == 7
+    assert len(report["targets"]) == 10
+    psnr = next(t for t in report["targets"] if "PSNR" in t["target"])  # from the manifest's export figures
+    assert 0 < psnr["value"] <= 100 and isinstance(psnr["met"], bool)
     assert 0.0 <= report["int8_top_token_agreement"] <= 1.0
     measured = {t["target"]: t for t in report["targets"] if t["value"] is not None}
     assert any("1.3x" in name for name in measured)  # batch 1 was timed: the fp32 step target has a number

@@ -27,7 +27,8 @@ def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_
     assert manifest["format"] == mf.FORMAT and manifest["format_version"] == mf.FORMAT_VERSION == 2
     names = {entry["file"] for _, _, entry in _graph_files(manifest)}
     assert names == {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
-                     "prior.fp16.onnx", "prior.int8.onnx"}
+                     "prior.fp16.onnx", "prior.int8.onnx", "encoder.int8.onnx",
+                     "decoder.int8.onnx"}
     assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json"})
     for _, _, entry in _graph_files(manifest):
         mf.verify_file(out, entry)
@@ -74,7 +75,7 @@ def test_validation_figures_are_recorded_and_within_tolerance(exported):
     assert manifest["validation"]["batch_sizes"] == [1, 3]
     table = "\n".join(lines)
     assert "| prior | fp32 | PyTorch |" in table and "| prior | int8 | fp32 ONNX |" in table
-    assert sum(line.startswith(("encoder ", "decoder ", "prior ")) for line in lines) == 7  # progress per graph
+    assert sum(line.startswith(("encoder ", "decoder ", "prior ")) for line in lines) == 9  # progress per graph
 
 
 def test_exported_graphs_run_at_an_unseen_batch_size(exported):

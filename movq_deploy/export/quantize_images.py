@@ -1,0 +1,218 @@
+"""Static int8 encoder and decoder: ONNX Runtime's quantize_static (QDQ), calibrated on real images.
+
+    encoder.int8.onnx  calibrated on training crops of the tokenizer's data
+    decoder.int8.onnx  calibrated on the token grids of those crops (from the fp32 encoder graph)
+
+Convolutions and matrix products get per-channel int8 weights and uint8 activations (MLAS's u8s8 kernels, VNNI
+where the CPU has it); ONNX Runtime fuses each DequantizeLinear -> Conv -> QuantizeLinear into one QLinearConv.
+Everything else stays fp32, and so do the numerically fragile parts:
+- the spatial-norm statistics (GroupNorm's InstanceNormalization and its gamma/beta Mul/Add): never quantized;
+- the codebook distance (||e||^2 - 2 z.e and its ArgMin), after the encoder's last convolution: its rounding would
+  flip nearest codes, so the last `fp32_final_convs` convolutions and everything after them stay fp32;
+- the decoder's final convolution (to 3 channels, just before the uint8 rounding).
+`fp32_zq_convs` also keeps the decoder's convolutions of z_q (post_quant_conv and the 1x1 gamma/beta convs of the
+modulated norms) fp32. Agreement with the fp32 graphs is measured on held-out data: the decoded PSNR of held-out
+token grids and the share of held-out encoder slots whose index is the fp32 one.
+
+The result holds QDQ and, after ONNX Runtime's fusions, QLinear ops: an ONNX Runtime (CPU) graph. (TensorRT reads
+QDQ graphs too, but the package's TensorRT path builds from the fp16 graphs.)
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from movq_deploy.export.specs import ExportError
+from movq_deploy.export.validation import cpu_session
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+QUANTIZED_OPS = ["Conv", "MatMul"]
+PSNR_CAP_DB = 100.0  # identical images have an infinite PSNR; the manifest stores finite JSON numbers
+
+
+@dataclass(frozen=True)
+class ImageQuantConfig:
+    """How the encoder and decoder are quantized (the defaults are the measured best; see BENCHMARKS.md)."""
+
+    calibration_images: int = 64  # training crops run through each graph to calibrate its activation ranges
+    calibration_batch: int = 8
+    method: str = "minmax"  # "percentile" / "entropy" histogram every activation: small images only
+    encoder_fp32_final_convs: int = 2  # conv_out and quant_conv: z feeds the nearest-code search directly
+    decoder_fp32_final_convs: int = 1  # conv_out, to the 3 colour channels
+    fp32_zq_convs: bool = False  # the decoder's convolutions of z_q (post_quant_conv, gamma/beta of the norms)
+
+    def __post_init__(self):
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+        if self.calibration_images <= 0 or self.calibration_batch <= 0:
+            raise ValueError("calibration_images and calibration_batch must be positive")
+        if self.encoder_fp32_final_convs < 0 or self.decoder_fp32_final_convs < 0:
+            raise ValueError("the fp32 final conv counts must be >= 0")
+
+
+@dataclass
+class ImageSets:
+    """uint8 [n, S, S, 3] training crops (calibration) and held-out crops (agreement), and where they came from."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    source: str
+
+
+def load_image_sets(image_size: int, count: int, data_dir: "str | Path | None" = None,
+                    record: Optional[dict] = None) -> ImageSets:
+    """`count` training crops and every held-out crop of `data_dir`; by default the data the tokenizer was trained
+    on (a folder named in the checkpoint's record), else the photographs embedded in scikit-image."""
+    from movq_deploy.training.data import load_data
+
+    if data_dir is None:
+        source = ((record or {}).get("tokenizer") or {}).get("data", {}).get("source")
+        data_dir = source if source not in (None, "skimage.data") and Path(source).is_dir() else None
+    data = load_data(data_dir, image_size)
+    crops = data.train_set(seed=12345)
+    calibration = np.stack([crops.crop(i)[0] for i in range(count)])
+    return ImageSets(calibration, data.eval_set().arrays()[0], data.source)
+
+
+class ArrayReader:
+    """onnxruntime.quantization's CalibrationDataReader over one array, `batch` rows at a time."""
+
+    def __init__(self, input_name: str, array: np.ndarray, batch: int):
+        self.input_name, self.array, self.batch, self.start = input_name, array, batch, 0
+
+    def get_next(self) -> "dict | None":
+        if self.start >= len(self.array):
+            return None
+        chunk = np.ascontiguousarray(self.array[self.start:self.start + self.batch])
+        self.start += self.batch
+        return {self.input_name: chunk}
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def run_batched(path: Path, input_name: str, array: np.ndarray, batch: int = 16) -> np.ndarray:
+    session = cpu_session(path)
+    return np.concatenate([session.run(None, {input_name: array[i:i + batch]})[0]
+                           for i in range(0, len(array), batch)])
+
+
+def _consumers(model: onnx.ModelProto) -> "dict[str, list]":
+    consumers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def fp32_nodes(name: str, model: onnx.ModelProto, config: ImageQuantConfig) -> "list[str]":
+    """Names of the Conv/MatMul nodes of graph `name` ("encoder" or "decoder") that stay fp32 (see the module doc).
+
+    Every node after the last convolution (the encoder's codebook distance is a MatMul) and the last
+    `*_fp32_final_convs` convolutions; for the decoder with fp32_zq_convs, also the convolutions that z_q reaches
+    without passing through another convolution (post_quant_conv and the modulated norms' gamma/beta).
+    """
+    nodes = list(model.graph.node)  # topological order
+    conv_positions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    count = config.encoder_fp32_final_convs if name == "encoder" else config.decoder_fp32_final_convs
+    first_kept = conv_positions[-min(count, len(conv_positions))] if count else conv_positions[-1] + 1
+    keep = {node.name for node in nodes[first_kept:] if node.op_type in QUANTIZED_OPS}
+    if name == "decoder" and config.fp32_zq_convs:
+        lookup = next(node for node in nodes if node.op_type == "Gather")  # the codebook lookup: z_q
+        consumers, frontier, seen = _consumers(model), list(lookup.output), set()
+        while frontier:
+            for node in consumers.get(frontier.pop(), []):
+                if node.name in seen:
+                    continue
+                seen.add(node.name)
+                if node.op_type == "Conv":
+                    keep.add(node.name)
+                elif node.op_type not in ("InstanceNormalization",):  # through reshapes and resizes only
+                    frontier.extend(node.output)
+    return sorted(keep)
+
+
+def quantize_graph(name: str, fp32_path: Path, path: Path, calibration: np.ndarray, config: ImageQuantConfig,
+                   scratch: Path) -> "list[str]":
+    """Writes the static int8 graph of fp32_path to path; returns the names of the nodes kept fp32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    prepared = scratch / f"{name}.prepared.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # ONNX inference suffices
+    model = onnx.load(str(prepared))
+    for index, node in enumerate(model.graph.node):  # nodes_to_exclude selects by name
+        node.name = node.name or f"{node.op_type}_{index}"
+    onnx.save(model, str(prepared))
+    keep = fp32_nodes(name, model, config)
+    input_name = model.graph.input[0].name
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[config.method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(prepared), str(path), ArrayReader(input_name, calibration, config.calibration_batch),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+            calibrate_method=method,
+            # MinMax keeps only each activation's reduced min/max per batch. (CalibMaxIntermediateOutputs would
+            # bound that further, but onnxruntime 1.32 discards the batches it was meant to merge.)
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    quantized = onnx.load(str(path))
+    if not any(node.op_type == "QuantizeLinear" for node in quantized.graph.node):
+        raise ExportError(f"{path.name}: quantize_static left no quantized node")
+    onnx.checker.check_model(quantized)
+    return keep
+
+
+def decoder_agreement(fp32_path: Path, int8_path: Path, tokens: np.ndarray) -> dict:
+    """PSNR (dB, over all pixels, and of the worst image) and pixel errors of the int8 decoder's images against the
+    fp32 decoder's, on token grids `tokens` [n, h, w, c]."""
+    reference = run_batched(fp32_path, "indices", tokens).astype(np.float64)
+    candidate = run_batched(int8_path, "indices", tokens).astype(np.float64)
+    squared = (reference - candidate) ** 2
+    per_image = squared.reshape(len(tokens), -1).mean(axis=1)
+
+    def psnr(mse: float) -> float:
+        return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, float(10 * np.log10(255.0**2 / mse)))
+
+    return {"psnr_db": psnr(float(squared.mean())), "worst_image_psnr_db": psnr(float(per_image.max())),
+            "max_pixel_error": int(np.abs(reference - candidate).max()),
+            "mean_pixel_error": float(np.abs(reference - candidate).mean()), "images": len(tokens)}
+
+
+def encoder_agreement(fp32_indices: np.ndarray, int8_path: Path, images: np.ndarray) -> dict:
+    """Share of slots whose int8 index is the fp32 one, over `images` [n, S, S, 3]."""
+    indices = run_batched(int8_path, "image", images)
+    return {"index_agreement": float((indices == fp32_indices).mean()), "images": len(images)}
+
+
+def quantize_image_graph(name: str, work: Path, images: ImageSets, config: ImageQuantConfig,
+                         scratch: Path) -> dict:
+    """work/{name}.int8.onnx from work/{name}.onnx ("encoder" or "decoder"; the decoder's calibration and held-out
+    token grids come from work/encoder.onnx). Returns its agreement figures on the held-out data, and
+    "quantization": how it was made (calibration, the nodes kept fp32)."""
+    train = images.calibration[:config.calibration_images]
+    held_out_tokens = run_batched(work / "encoder.onnx", "image", images.held_out)  # (n, h, w, c)
+    fp32_path, path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
+    if name == "encoder":
+        keep = quantize_graph(name, fp32_path, path, train, config, scratch)
+        agreement = encoder_agreement(held_out_tokens, path, images.held_out)
+    else:
+        tokens = run_batched(work / "encoder.onnx", "image", train)  # the token grids of the calibration crops
+        keep = quantize_graph(name, fp32_path, path, tokens, config, scratch)
+        agreement = decoder_agreement(fp32_path, path, held_out_tokens)
+    return {**agreement, "quantization": {**asdict(config), "calibration_images": len(train),
+                                          "source": images.source, "fp32_nodes": keep}}
+
+
+def quantize_image_graphs(work: Path, scratch: Path, images: ImageSets, config: ImageQuantConfig) -> "dict[str, dict]":
+    """encoder.int8.onnx and decoder.int8.onnx beside work/encoder.onnx and work/decoder.onnx: {graph: figures}."""
+    return {name: quantize_image_graph(name, work, images, config, scratch) for name in ("encoder", "decoder")}
