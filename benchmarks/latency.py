@@ -203,7 +203,7 @@ def run_benchmark(args, candidates, engines, flops, gemm, threads: int) -> list:
         for stage in STAGES:
             for candidate in candidates:
                 if candidate.precision == "int8" and stage in ("decode", "encode") and \
-                        engines.graph("int8", _graph(stage)) is None:
+                        engines.graph("int8", graph_of(stage)) is None:
                     continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
                 row = {"backend": candidate.backend, "precision": candidate.precision, "device": candidate.device,
                        "stage": stage, "batch": batch}
