@@ -67,12 +67,14 @@ class ImageSets:
 def load_image_sets(image_size: int, count: int, data_dir: "str | Path | None" = None,
                     record: Optional[dict] = None) -> ImageSets:
     """`count` training crops and every held-out crop of `data_dir`; by default the data the tokenizer was trained
-    on (a folder named in the checkpoint's record), else the photographs embedded in scikit-image."""
+    on (named in the checkpoint's record), else the photographs embedded in scikit-image."""
     from movq_deploy.training.data import load_data
+    from movq_deploy.training.digits import SOURCE as DIGITS_SOURCE
 
-    if data_dir is None:
+    if data_dir is None:  # the recorded source, where it is still there (a folder, shards, scikit-learn's digits)
         source = ((record or {}).get("tokenizer") or {}).get("data", {}).get("source")
-        data_dir = source if source not in (None, "skimage.data") and Path(source).is_dir() else None
+        usable = source not in (None, "skimage.data") and (source == DIGITS_SOURCE or Path(source).exists())
+        data_dir = source if usable else None
     data = load_data(data_dir, image_size)
     crops = data.train_set(seed=12345)
     calibration = np.stack([crops.crop(i)[0] for i in range(count)])

@@ -129,6 +129,8 @@ def test_image_sets_come_from_the_recorded_training_folder(tmp_path):
     assert len(sets.held_out) == 2  # one held-out image per class
     assert load_image_sets(16, 3, record={"tokenizer": {"data": {"source": str(tmp_path / "gone")}}}).source \
         == "skimage.data"
+    digits = load_image_sets(16, 3, record={"tokenizer": {"data": {"source": "sklearn:digits"}}})
+    assert digits.source == "sklearn:digits" and digits.calibration.shape == (3, 16, 16, 3)
 
 
 def test_bad_settings_are_refused():
