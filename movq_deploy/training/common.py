@@ -2,12 +2,13 @@
 metric averages, when to evaluate and save), resume files, metrics log, PSNR.
 
 Distributed training: launch with torchrun (it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
-gloo on CPU, nccl on GPU. Every rank draws its own crops (indices interleaved by rank), DDP averages gradients,
+gloo on CPU, nccl on GPU. Every rank reads its share of each epoch (loader.py), DDP averages gradients,
 rank 0 writes files.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -70,12 +71,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
-
-
-def batch_indices(step: int, batch_size: int, rank: int, world_size: int) -> range:
-    """Crop indices of this rank's batch at `step`: the global batch step*B*world ... split by rank."""
-    start = (step * world_size + rank) * batch_size
-    return range(start, start + batch_size)
 
 
 LR_FLOOR = 0.1  # the cosine decay ends at a tenth of the peak learning rate
@@ -185,13 +180,26 @@ class StepLoop:
         """Every `every` steps, and at the last step."""
         return done % every == 0 or done == self.total
 
-    def window(self, done: int, **extra) -> dict:
-        """The log record of the window ending at step `done`: the averages, `extra`, the learning rate and speed."""
+    def window(self, done: int, data_wait_s: "float | None" = None, **extra) -> dict:
+        """The log record of the window ending at step `done`: the averages, `extra`, the learning rate and speed;
+        with `data_wait_s` (seconds spent waiting for batches in the window) also the data wait per step next to
+        the step time, and its share."""
         n = self.log_every if done % self.log_every == 0 else done % self.log_every
+        elapsed = time.time() - self.tic
         record = {"step": done, **{k: v / n for k, v in self.sums.items()}, **extra, "lr": self.lr,
-                  "steps_per_s": n / (time.time() - self.tic)}
+                  "steps_per_s": n / elapsed}
+        if data_wait_s is not None:
+            record.update(step_s=elapsed / n, data_wait_s=data_wait_s / n, data_wait_share=data_wait_s / elapsed)
         self.sums, self.tic = {}, time.time()
         return record
+
+
+def no_sync(model: torch.nn.Module, sync: bool):
+    """DDP's no_sync() for the micro-batches that only accumulate gradients; the last one (sync) all-reduces them.
+    A no-op outside DDP."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

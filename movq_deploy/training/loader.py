@@ -70,14 +70,22 @@ class TimedBatches:
 
     def __init__(self, batches):
         self.iterator = iter(batches)
-        self.wait_s = 0.0
+        self.wait_s = self.total_wait_s = 0.0
+        self.first_call: "float | None" = None
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch on `device` (asynchronous copy from pinned memory on CUDA)."""
         tic = time.perf_counter()
+        self.first_call = self.first_call or tic
         images, labels = next(self.iterator)
-        self.wait_s += time.perf_counter() - tic
+        wait = time.perf_counter() - tic
+        self.wait_s += wait
+        self.total_wait_s += wait
         return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def wait_share(self) -> float:
+        """Share of the time since the first batch was asked for spent waiting for batches."""
+        return self.total_wait_s / max(1e-9, time.perf_counter() - self.first_call) if self.first_call else 0.0
 
     def take_wait(self) -> float:
         """Seconds waited since the last call."""
@@ -104,3 +112,20 @@ def training_batches(dataset: Dataset, batch_size: int, rank: int, world_size: i
 
         return shard_batches(dataset, batch_size, rank, start_step, workers, pin)
     return TrainBatches(dataset, batch_size, rank, world_size, seed, workers, pin, start_step, batches_per_step)
+
+
+def first_crops(dataset: Dataset, count: int, workers: int = 0, batch_size: int = 256):
+    """Crops 0 .. count-1 of an indexed dataset (the first `count` of a shard stream), decoded by `workers`
+    processes: float [count, 3, S, S] in [-1, 1] and int64 labels [count]."""
+    from torch.utils.data import IterableDataset, Subset
+
+    source = dataset if isinstance(dataset, IterableDataset) else Subset(dataset, range(count))
+    loader = DataLoader(source, batch_size=min(batch_size, count), num_workers=workers)
+    images, labels, have = [], [], 0
+    for x, y in loader:
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+        have += len(x)
+        if have >= count:
+            break
+    return torch.cat(images)[:count], torch.cat(labels)[:count].long()

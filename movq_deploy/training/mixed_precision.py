@@ -66,10 +66,14 @@ class CompiledOrEager:
 
     def __init__(self, module: torch.nn.Module, notice: "Callable[[str], None] | None" = None, **compile_kwargs):
         self.module = module
-        self.compiled = torch.compile(module, **compile_kwargs)
         self.notice = notice or (lambda line: print(line, file=sys.stderr))
         self.call: "Callable | None" = None  # decided at the first call
         self.failure: "str | None" = None
+        self.compiled: "Callable | None" = None
+        try:
+            self.compiled = torch.compile(module, **compile_kwargs)
+        except Exception as e:  # e.g. an unknown backend name is refused here, before any call
+            self.fall_back(e)
 
     def __call__(self, *args, **kwargs):
         if self.call is not None:
@@ -77,19 +81,22 @@ class CompiledOrEager:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # compilation errors come in many types (BackendCompilerFailed, InductorError, ...)
-            cause = root_cause(e)
-            first = (str(cause).strip().splitlines() or [""])[0][:160]
-            self.failure = f"{type(cause).__name__}: {first}"
-            self.notice(f"--compile: torch.compile failed ({self.failure}); continuing eager")
-            self.call = self.module
+            self.fall_back(e)
             return self.module(*args, **kwargs)
         self.call = self.compiled
         return out
 
+    def fall_back(self, error: Exception) -> None:
+        cause = root_cause(error)
+        first = (str(cause).strip().splitlines() or [""])[0][:160]
+        self.failure = f"{type(cause).__name__}: {first}"
+        self.notice(f"--compile: torch.compile failed ({self.failure}); continuing eager")
+        self.call = self.module
+
     @property
     def compiled_ok(self) -> "bool | None":
         """True once a compiled call succeeded, False after a fallback, None before the first call."""
-        return None if self.call is None else self.call is self.compiled
+        return None if self.call is None else self.call is not self.module
 
 
 def root_cause(error: BaseException) -> BaseException:

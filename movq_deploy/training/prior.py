@@ -32,9 +32,14 @@ from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import load_models, save_checkpoint
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
-from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, load_resume, run_cli, save_resume,
-                                         setup_distributed)
-from movq_deploy.training.data import ImageData, load_data, to_tensor
+from movq_deploy.models.reference import ReferenceSampler
+from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, load_resume, no_sync, run_cli,
+                                         save_resume, setup_distributed)
+from movq_deploy.training.data import ImageData, load_data, to_tensor, to_uint8
+from movq_deploy.training.loader import default_workers, first_crops
+from movq_deploy.training.mixed_precision import autocast, configure_tf32, fp32, maybe_compile
+from movq_deploy.training.options import add_scale_arguments
+from movq_deploy.training.tensorboard import TensorBoardLog
 
 
 STAGE = "prior"
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional", action="store_true", help="ignore classes (default: conditional when the "
                                                                 "data has >= 2 classes)")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64, help="token grids per process and step")
+    p.add_argument("--batch-size", type=int, default=64, help="token grids per process and micro-batch (see --grad-accum)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.045, help="AdamW weight decay (MaskGIT's 4.5e-2)")
@@ -66,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from resume_prior.pt beside the output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scale_arguments(p, clip_grad=1.0)  # MaskGIT clips the gradient norm at 1.0
     return p
 
 
@@ -104,8 +110,10 @@ def encode_all(movq: MoVQ, images: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
-def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: Path, write: bool) -> dict:
-    """The encoded training crops and held-out crops, read from `path` when it matches, else encoded (and saved)."""
+def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: Path, write: bool,
+                workers: int = 0) -> dict:
+    """The encoded training crops and held-out crops, read from `path` when it matches, else encoded (and saved);
+    `workers` DataLoader processes decode the crops."""
     key = {"tokenizer": digest, "data": data.summary(), "num_crops": num_crops, "seed": seed}
     if path.is_file():
         try:
@@ -114,12 +122,10 @@ def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: 
                 return cached
         except Exception:  # an unreadable cache is rebuilt, not an error
             pass
-    train_set = data.train_set(seed=seed)
-    crops = [train_set.crop(i) for i in range(num_crops)]
-    train_images = np.stack([c[0] for c in crops])
+    crops, labels = first_crops(data.train_set(seed=seed), num_crops, workers)
+    train_images = to_uint8(crops)  # exact: these are uint8 pixels / 127.5 - 1
     eval_images, eval_labels = data.eval_set().arrays()
-    cache = {"key": key,
-             "train_tokens": encode_all(movq, train_images), "train_labels": torch.tensor([c[1] for c in crops]),
+    cache = {"key": key, "train_tokens": encode_all(movq, train_images), "train_labels": labels,
              "eval_tokens": encode_all(movq, eval_images), "eval_labels": torch.from_numpy(eval_labels)}
     if write:
         with atomic_path(path) as tmp:
@@ -195,21 +201,35 @@ def training_data(args: argparse.Namespace, movq: MoVQ, ckpt: dict, main: bool) 
     data = load_data(data_dir, movq.config.image_size)
     run_dir = (Path(args.out) if args.out else Path(args.ckpt)).parent
     digest = tokenizer_digest(ckpt["tokenizer"])
-    return data, token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main)
+    workers = args.workers if args.workers is not None else default_workers(next(movq.parameters()).device)
+    return data, token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main,
+                             workers=workers)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, mask_id: int, tokens: torch.Tensor,
-               labels: torch.Tensor | None, generator: torch.Generator) -> dict:
-    """One optimizer step on the token grids [B, N]: cross-entropy on the slots MaskGIT's schedule masks."""
-    inputs, masked = mask_tokens(tokens, mask_id, generator)
-    logits = model(inputs, labels)  # (B, N, K); class dropout happens inside the model in training mode
-    loss = F.cross_entropy(logits[masked], tokens[masked])
+def train_step(forward, model: torch.nn.Module, opt: torch.optim.Optimizer, mask_id: int,
+               micro_batches: "list[tuple[torch.Tensor, torch.Tensor | None]]", generator: torch.Generator,
+               args: argparse.Namespace) -> dict:
+    """One optimizer step over micro-batches of token grids [B, N] (and labels [B]): cross-entropy on the slots
+    MaskGIT's schedule masks, gradients accumulated, clipped to --clip-grad; `forward` is the model or its compiled
+    form, `model` the module DDP syncs."""
+    n, sums = len(micro_batches), {}
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    for i, (tokens, labels) in enumerate(micro_batches):
+        inputs, masked = mask_tokens(tokens, mask_id, generator)
+        with no_sync(model, sync=i == n - 1):
+            with autocast(args.precision, tokens.device):
+                logits = forward(inputs, labels)  # (B, N, K); class dropout happens inside in training mode
+            logits = fp32(logits[masked])
+            loss = F.cross_entropy(logits, tokens[masked])
+            (loss / n).backward()
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == tokens[masked]).float().mean()
+        for key, value in {"loss": loss.detach(), "masked_accuracy": acc}.items():
+            sums[key] = sums.get(key, 0.0) + value / n
+    if args.clip_grad:
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).detach()
     opt.step()
-    with torch.no_grad():
-        acc = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
-    return {"loss": loss, "masked_accuracy": acc}
+    return sums
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -218,6 +238,7 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     dist_info = setup_distributed(args.device)
     device, main = dist_info.device, dist_info.is_main
+    configure_tf32(args.tf32, device)
     movq, _, ckpt = load_models(args.ckpt, device, with_prior=False)  # one-line errors for bad files and weights
     movq.requires_grad_(False)
     data, cache = training_data(args, movq, ckpt, main)
@@ -245,23 +266,31 @@ def train(args: argparse.Namespace) -> dict:
               f"K={config.codebook_size}, classes {config.num_classes}; {len(train_tokens)} cached training grids; "
               f"held-out masked-token accuracy at the start {stage.accuracy['start']:.4f}", file=sys.stderr)
     model = DDP(prior) if dist_info.enabled else prior
+    forward = maybe_compile(model, args.compile, backend=args.compile_backend)
     log = MetricsLog(out.parent / "metrics_prior.jsonl", main, start if args.resume else None)
+    board = TensorBoardLog(args.tensorboard, STAGE, enabled=main)
     loop = StepLoop(args, start, [opt], f"prior {args.config}", show=main)
     model.train()
     for step in loop:
         # Batch and masks are functions of (seed, step, rank): a resumed run sees what the straight run would.
         rng = np.random.default_rng([args.seed, step, dist_info.rank])
-        pick = torch.from_numpy(rng.integers(len(train_tokens), size=args.batch_size))
+        picks = torch.from_numpy(rng.integers(len(train_tokens), size=args.batch_size * args.grad_accum))
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        labels = train_labels[pick].to(device) if train_labels is not None else None
-        values = train_step(model, opt, config.mask_id, train_tokens[pick].to(device), labels, generator)
-        loop.add(values, loss=f"{float(values['loss'].detach()):.3f}", acc=f"{float(values['masked_accuracy']):.3f}")
+        micro_batches = [(train_tokens[pick].to(device), train_labels[pick].to(device) if config.conditional else None)
+                         for pick in picks.split(args.batch_size)]
+        values = train_step(forward, model, opt, config.mask_id, micro_batches, generator, args)
+        loop.add(values, loss=f"{float(values['loss']):.3f}", acc=f"{float(values['masked_accuracy']):.3f}")
         done = step + 1
         if loop.due(done, args.log_every):
-            log.write(loop.window(done))
+            record = loop.window(done)
+            log.write(record)
+            board.record(record)
         if main and loop.due(done, args.eval_every):
             stage.accuracy.update(end=masked_accuracy(prior, eval_tokens, eval_labels), end_step=done)
             log.write({"step": done, "eval_masked_accuracy": stage.accuracy["end"]})
+            board.record({"step": done, "eval_masked_accuracy": stage.accuracy["end"]})
+            if board.writer is not None:
+                board.image("samples", sample_grid(movq, prior), done)
         if main and loop.due(done, args.save_every):
             stage.save(done)
     if main:
@@ -270,8 +299,21 @@ def train(args: argparse.Namespace) -> dict:
         print(f"held-out masked-token accuracy: start {stage.accuracy['start']:.4f}, end "
               f"{stage.accuracy.get('end', 0.0):.4f} (chance {1 / config.codebook_size:.4f}); wrote {out}",
               file=sys.stderr)
+    board.close()
     cleanup_distributed()
     return {"prior": prior, "accuracy": stage.accuracy, "out": out}
+
+
+@torch.no_grad()
+def sample_grid(movq: MoVQ, prior: MaskGITPrior, count: int = 16, columns: int = 8) -> np.ndarray:
+    """uint8 [H, W, 3]: `count` samples (8 MaskGIT steps, seed 0; the classes in turn when conditional)."""
+    was_training = prior.training
+    prior.eval()
+    labels = np.arange(count) % prior.config.num_classes if prior.config.conditional else None
+    images = ReferenceSampler(movq, prior).sample(count, steps=8, seed=0, class_labels=labels)  # [n, H, W, 3]
+    prior.train(was_training)
+    rows = images.reshape(count // columns, columns, *images.shape[1:])
+    return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,16 @@
 """Stage 1: train the MoVQ tokenizer.
 
     python train/tokenizer.py --config tiny --out runs/tiny [--data DIR] [--steps N] [--resume]
+    python train/tokenizer.py --config paper-f16 --data DIR --precision bf16 --compile --workers 8 --tensorboard tb/
     torchrun --nproc_per_node 2 train/tokenizer.py ...        # DDP: gloo on CPU, nccl on GPU
 
 Loss (VQGAN's recipe, with the paper's L2 reconstruction term): L2 (or L1) reconstruction + quantizer loss
 (codebook + beta * commitment) + LPIPS perceptual loss when VGG16 weights are on this machine (never downloaded) + a
 PatchGAN hinge discriminator from --disc-start, weighted by VQGAN's adaptive weight ||grad rec|| / ||grad gan|| at
-the decoder's last layer.
+the decoder's last layer. Under --precision bf16 the networks (tokenizer, VGG16, discriminator) run under autocast,
+the loss terms are computed in fp32 and the quantizer runs in fp32 (mixed_precision.py). Batches come from a
+DataLoader (loader.py): --workers processes decode and crop ahead of the step; the log records the data-wait time
+next to the step time.
 
 Writes into --out: ckpt.pt (the deliverable, see movq_deploy.models.checkpoint), resume_tokenizer.pt (weights,
 optimizers, discriminator, RNG, step: what --resume continues from), metrics_tokenizer.jsonl, reconstructions.png
@@ -18,23 +22,29 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from skimage.metrics import structural_similarity
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
-from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, batch_indices, cleanup_distributed,
+from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, cleanup_distributed, no_sync,
                                          load_resume, perplexity_and_dead, psnr, run_cli, save_resume,
                                          setup_distributed, unwrap)
 from movq_deploy.training.data import HeldOutCrops, ImageData, load_data, to_tensor, to_uint8
+from movq_deploy.training.loader import TimedBatches, training_batches
 from movq_deploy.training.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
+from movq_deploy.training.mixed_precision import autocast, configure_tf32, fp32, maybe_compile
+from movq_deploy.training.options import add_scale_arguments
 from movq_deploy.training.perceptual import load_perceptual
+from movq_deploy.training.tensorboard import TensorBoardLog
 
 
 STAGE = "tokenizer"
@@ -50,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "shipped with scikit-image")
     p.add_argument("--out", default="runs/tiny", help="run folder (ckpt.pt, metrics.jsonl, ...)")
     p.add_argument("--steps", type=int, default=1800, help="total optimizer steps (with --resume: the new total)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per process and step")
+    p.add_argument("--batch-size", type=int, default=16, help="images per process and micro-batch (see --grad-accum)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to lr/10")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -75,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scale_arguments(p, clip_grad=None)
     return p
 
 
 @torch.no_grad()
 def restart_dead_codes(codebook: torch.Tensor, counts: torch.Tensor, z: torch.Tensor,
-                       generator: torch.Generator) -> int:
-    """Moves the codes with zero count onto randomly chosen chunk vectors of `z` (B, n_z, h, w), in place.
+                       generator: torch.Generator, optimizer: "torch.optim.Optimizer | None" = None) -> int:
+    """Moves the codes with zero count onto randomly chosen chunk vectors of `z` (B, n_z, h, w), in place, and
+    zeroes those rows' optimizer moments (Adam's running averages belong to the old code, not the new one).
 
     Codebook collapse is the usual failure of small VQ models trained briefly (most codes never win a nearest-
     neighbour match, so they never move); restarting dead codes at encoder outputs (Dhariwal et al. 2020, Jukebox)
@@ -91,15 +103,25 @@ def restart_dead_codes(codebook: torch.Tensor, counts: torch.Tensor, z: torch.Te
     if len(dead):
         chunks = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])  # (B*h*w*c, d)
         pick = torch.randint(len(chunks), (len(dead),), generator=generator).to(chunks.device)
-        codebook[dead] = chunks[pick].to(codebook.dtype)
+        codebook[dead] = chunks[pick].to(codebook.dtype)  # fp32 rows, whatever the autocast dtype of z
+        reset_rows(optimizer, codebook, dead)
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(codebook, src=0)
     return len(dead)
 
 
 @torch.no_grad()
+def reset_rows(optimizer: "torch.optim.Optimizer | None", param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zeroes every per-parameter state tensor of `param` (Adam's exp_avg, exp_avg_sq) at `rows`."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[rows.to(value.device)] = 0
+
+
+@torch.no_grad()
 def evaluate(model: MoVQ, eval_set: HeldOutCrops) -> dict:
-    """Held-out reconstruction: PSNR (uint8, as deployed), codebook usage; also returns the images."""
+    """Held-out reconstruction: PSNR and SSIM (uint8, as deployed), codebook usage; also returns the images."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -112,11 +134,12 @@ def evaluate(model: MoVQ, eval_set: HeldOutCrops) -> dict:
     model.train(was_training)
     recons = np.concatenate(recons)
     perplexity, dead = perplexity_and_dead(counts)
-    return {"psnr": float(psnr(originals, recons).mean()), "perplexity": perplexity, "dead_codes": dead,
-            "originals": originals, "reconstructions": recons}
+    ssim = np.mean([structural_similarity(a, b, channel_axis=-1, data_range=255) for a, b in zip(originals, recons)])
+    return {"psnr": float(psnr(originals, recons).mean()), "ssim": float(ssim), "perplexity": perplexity,
+            "dead_codes": dead, "originals": originals, "reconstructions": recons}
 
 
-def save_grid(path: Path, originals: np.ndarray, recons: np.ndarray) -> None:
+def grid_image(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
     """Rows of 8 originals, each followed by a row of their reconstructions (16 images, evenly picked)."""
     columns, count = 8, 16
     pick = np.linspace(0, len(originals) - 1, min(count, len(originals))).round().astype(int)
@@ -126,8 +149,12 @@ def save_grid(path: Path, originals: np.ndarray, recons: np.ndarray) -> None:
         pad = [np.zeros_like(originals[0])] * (columns - len(chunk))
         rows.append(np.concatenate(list(originals[chunk]) + pad, axis=1))
         rows.append(np.concatenate(list(recons[chunk]) + pad, axis=1))
+    return np.concatenate(rows, axis=0)  # uint8 [H, W, 3]
+
+
+def save_grid(path: Path, grid: np.ndarray) -> None:
     with atomic_path(path) as tmp:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+        Image.fromarray(grid).save(tmp, format="PNG")
 
 
 class CodeUsage:
@@ -145,10 +172,10 @@ class CodeUsage:
         self.counts += code_counts
         self.window += code_counts
 
-    def maybe_restart(self, done: int, codebook: torch.Tensor, z: torch.Tensor) -> None:
+    def maybe_restart(self, done: int, codebook: nn.Parameter, z: torch.Tensor, optimizer) -> None:
         if self.every and done % self.every == 0:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
-            self.restarted += restart_dead_codes(codebook, all_reduce_sum(self.window), z, generator)
+            self.restarted += restart_dead_codes(codebook, all_reduce_sum(self.window), z, generator, optimizer)
             self.window.zero_()
 
     def log_fields(self) -> dict:
@@ -171,6 +198,7 @@ class Stage1:
     opt: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer | None
     perceptual: nn.Module | None
+    forward: "Callable | None" = None  # the model, or torch.compile of it: set by ready()
 
     @classmethod
     def build(cls, args: argparse.Namespace, config: MoVQConfig, device: torch.device, main: bool) -> "Stage1":
@@ -204,9 +232,16 @@ class Stage1:
             self.disc.load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
 
-    def distribute(self) -> None:
-        self.model = DDP(self.model)
-        self.disc = DDP(self.disc) if self.disc is not None else None
+    def ready(self, distributed: bool) -> None:
+        """DDP wrappers when distributed, then the forward the steps call (compiled with --compile)."""
+        if distributed:
+            self.model = DDP(self.model)
+            self.disc = DDP(self.disc) if self.disc is not None else None
+        if self.args.compile and self.disc is not None:
+            # The adaptive GAN weight differentiates twice through the compiled backward (retain_graph), which
+            # AOT autograd's donated buffers forbid; without them the backward keeps a few more activations.
+            torch._functorch.config.donated_buffer = False
+        self.forward = maybe_compile(self.model, self.args.compile, backend=self.args.compile_backend)
 
     def resume_state(self, window_counts: torch.Tensor) -> dict:
         state = {"config": self.config.to_dict(), "model": self.net.state_dict(), "opt": self.opt.state_dict(),
@@ -215,36 +250,65 @@ class Stage1:
             state.update(disc=unwrap(self.disc).state_dict(), opt_d=self.opt_d.state_dict())
         return state
 
-    def step(self, x: torch.Tensor, step: int) -> "tuple[dict, torch.Tensor]":
-        """One optimizer step on images x (B, 3, H, W) in [-1, 1]; -> (the step's loss terms, code counts (K,))."""
-        args, zero = self.args, torch.zeros((), device=x.device)
-        x_rec, quant_loss, info = self.model(x)
-        rec_loss = (x_rec - x).abs().mean() if args.rec_loss == "l1" else F.mse_loss(x_rec, x)
-        nll, p_loss = rec_loss, zero
-        if self.perceptual is not None:
-            p_loss = self.perceptual(x_rec, x)
-            nll = nll + args.perceptual_weight * p_loss
-        loss = nll + quant_loss
-        g_loss = d_weight = d_loss = zero
+    def step(self, micro_batches: "list[torch.Tensor]", step: int) -> "tuple[dict, torch.Tensor]":
+        """One optimizer step over micro-batches of images (B, 3, H, W) in [-1, 1], their gradients accumulated
+        (DDP all-reduces on the last one only); -> (the step's loss terms averaged over them, code counts (K,))."""
+        args, n = self.args, len(micro_batches)
         gan_on = self.disc is not None and step >= args.disc_start
-        if gan_on:
-            g_loss = -self.disc(x_rec).mean()
-            d_weight = adaptive_gan_weight(nll, g_loss, self.net.last_layer_weight) * args.disc_weight
-            loss = loss + d_weight * g_loss
+        sums: dict = {}
+        counts, fakes = 0, []
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, x in enumerate(micro_batches):
+            with no_sync(self.model, sync=i == n - 1):
+                values, x_rec, code_counts = self.generator_loss(x, gan_on)
+                (values["loss"] / n).backward()
+            sums = {k: sums.get(k, 0.0) + v.detach() / n for k, v in values.items()}
+            counts, fakes = counts + code_counts, fakes + [x_rec.detach()]
+        clip(self.net.parameters(), args.clip_grad, sums)
         self.opt.step()
         if gan_on:
             self.opt_d.zero_grad(set_to_none=True)  # also drops the grads the generator step left in the discriminator
-            d_loss = hinge_d_loss(self.disc(x), self.disc(x_rec.detach()))
-            d_loss.backward()
+            for i, (x, fake) in enumerate(zip(micro_batches, fakes)):
+                with no_sync(self.disc, sync=i == n - 1):
+                    with autocast(args.precision, x.device):
+                        logits_real, logits_fake = self.disc(x), self.disc(fake)
+                    d_loss = hinge_d_loss(*fp32(logits_real, logits_fake))
+                    (d_loss / n).backward()
+                sums["d_loss"] = sums["d_loss"] + d_loss.detach() / n
             self.opt_d.step()
+        return sums, counts
+
+    def generator_loss(self, x: torch.Tensor, gan_on: bool) -> "tuple[dict, torch.Tensor, torch.Tensor]":
+        """The loss terms of one micro-batch (fp32), its reconstruction (fp32) and code counts (K,)."""
+        args, zero = self.args, torch.zeros((), device=x.device)
+        with autocast(args.precision, x.device):
+            x_rec, quant_loss, info = self.forward(x)
+        x_rec = fp32(x_rec)
+        rec_loss = (x_rec - x).abs().mean() if args.rec_loss == "l1" else F.mse_loss(x_rec, x)
+        nll, p_loss = rec_loss, zero
+        if self.perceptual is not None:
+            with autocast(args.precision, x.device):
+                p_loss = fp32(self.perceptual(x_rec, x))
+            nll = nll + args.perceptual_weight * p_loss
+        loss = nll + quant_loss
+        g_loss = d_weight = zero
+        if gan_on:
+            with autocast(args.precision, x.device):
+                g_loss = -fp32(self.disc(x_rec)).mean()
+            d_weight = adaptive_gan_weight(nll, g_loss, self.net.last_layer_weight) * args.disc_weight
+            loss = loss + d_weight * g_loss
         with torch.no_grad():
             mse = (x_rec.clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
             batch_psnr = (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
         values = {"loss": loss, "rec": rec_loss, "quant": quant_loss, "perceptual": p_loss, "g_loss": g_loss,
-                  "d_weight": d_weight, "d_loss": d_loss, "psnr": batch_psnr}
-        return values, info["code_counts"]
+                  "d_weight": d_weight, "d_loss": zero, "psnr": batch_psnr}
+        return values, x_rec, info["code_counts"]
+
+
+def clip(parameters, max_norm: "float | None", values: dict) -> None:
+    """Clips the gradient norm to max_norm (None or 0: no clipping) and records the norm before clipping."""
+    if max_norm:
+        values["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, max_norm).detach()
 
 
 def save(out: Path, step: int, stage: Stage1, data: ImageData, dist_info: Dist, codes: CodeUsage,
@@ -267,9 +331,10 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
         torch.set_num_threads(args.threads)
     dist_info = setup_distributed(args.device)
     device, main = dist_info.device, dist_info.is_main
+    configure_tf32(args.tf32, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN picks its fastest kernels once
     config = config or MoVQConfig.preset(args.config)
     data = load_data(args.data, config.image_size)
-    train_set, eval_set = data.train_set(seed=args.seed), data.eval_set()
     out = Path(args.out)
     stage, start, state = Stage1.build(args, config, device, main), 0, {}
     if args.resume:
@@ -278,9 +343,12 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
         start = state["step"]
         if main:
             print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
-    if dist_info.enabled:
-        stage.distribute()
+    stage.ready(dist_info.enabled)
+    batches = TimedBatches(training_batches(data.train_set(seed=args.seed), args.batch_size, dist_info.rank,
+                                            dist_info.world_size, args.seed, args.workers, device, start,
+                                            args.grad_accum))
     log = MetricsLog(out / "metrics_tokenizer.jsonl", main, start if args.resume else None)
+    board = TensorBoardLog(args.tensorboard, STAGE, enabled=main)
     codes = CodeUsage(config.codebook_size, device, args.restart_dead_every, args.seed, state.get("window_counts"))
     latest_z: list[torch.Tensor] = []  # the quantizer's input of the current step, for restarts
 
@@ -292,31 +360,42 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
     loop = StepLoop(args, start, stage.optimizers, f"tokenizer {args.config}", show=main)
     stage.model.train()
     for step in loop:
-        x, _ = train_set.batch(batch_indices(step, args.batch_size, dist_info.rank, dist_info.world_size))
-        values, code_counts = stage.step(x.to(device), step)
+        values, code_counts = stage.step([batches.next(device)[0] for _ in range(args.grad_accum)], step)
         codes.add(code_counts)
         done = step + 1
-        codes.maybe_restart(done, stage.net.quantizer.codebook.weight.data, latest_z[0])
-        loop.add(values, loss=f"{float(values['loss'].detach()):.4f}", psnr=f"{float(values['psnr']):.2f}")
+        codes.maybe_restart(done, stage.net.quantizer.codebook.weight, latest_z[0], stage.opt)
+        loop.add(values, loss=f"{float(values['loss']):.4f}", psnr=f"{float(values['psnr']):.2f}")
         if loop.due(done, args.log_every):
-            log.write(loop.window(done, **codes.log_fields()))
+            record = loop.window(done, data_wait_s=batches.take_wait(), **codes.log_fields())
+            log.write(record)
+            board.record(record)
         if main and loop.due(done, args.eval_every):
-            evaluation = {"step": done, **evaluate(stage.net, eval_set)}
-            log.write({"step": done, "eval_psnr": evaluation["psnr"], "eval_perplexity": evaluation["perplexity"],
-                       "eval_dead_codes": evaluation["dead_codes"]})
+            evaluation = {"step": done, **evaluate(stage.net, data.eval_set())}
+            log_evaluation(evaluation, log, board)
         if main and loop.due(done, args.save_every):
             save(out, done, stage, data, dist_info, codes, evaluation)
     hook.remove()
     if main:
         if evaluation is None:  # resumed a finished run: evaluate what is there
-            evaluation = {"step": start, **evaluate(stage.net, eval_set)}
+            evaluation = {"step": start, **evaluate(stage.net, data.eval_set())}
             save(out, max(start, args.steps), stage, data, dist_info, codes, evaluation)
-        save_grid(out / "reconstructions.png", evaluation["originals"], evaluation["reconstructions"])
-        print(f"held-out PSNR {evaluation['psnr']:.2f} dB on {len(eval_set)} crops, codebook perplexity "
-              f"{evaluation['perplexity']:.1f}, dead codes {evaluation['dead_codes']}/{config.codebook_size}; "
-              f"wrote {out / 'ckpt.pt'}", file=sys.stderr)
+        save_grid(out / "reconstructions.png", grid_image(evaluation["originals"], evaluation["reconstructions"]))
+        print(f"held-out PSNR {evaluation['psnr']:.2f} dB, SSIM {evaluation['ssim']:.4f} on "
+              f"{len(evaluation['originals'])} crops, codebook perplexity {evaluation['perplexity']:.1f}, dead codes "
+              f"{evaluation['dead_codes']}/{config.codebook_size}; data wait {batches.wait_share():.1%} of the "
+              f"training time; wrote {out / 'ckpt.pt'}", file=sys.stderr)
+    board.close()
     cleanup_distributed()
     return {"model": stage.net, "eval": evaluation, "out": out}
+
+
+def log_evaluation(evaluation: dict, log: MetricsLog, board: TensorBoardLog) -> None:
+    record = {"step": evaluation["step"], "eval_psnr": evaluation["psnr"], "eval_ssim": evaluation["ssim"],
+              "eval_perplexity": evaluation["perplexity"], "eval_dead_codes": evaluation["dead_codes"]}
+    log.write(record)
+    board.record(record)
+    board.image("reconstructions", grid_image(evaluation["originals"], evaluation["reconstructions"]),
+                evaluation["step"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""DDP: two CPU processes launched by torchrun (gloo) train a few steps; the replicas stay identical."""
+"""DDP: two CPU processes launched by torchrun (gloo), each with two DataLoader workers and its DistributedSampler
+share, train a few steps; the replicas stay identical; one process resumes the run (a change of world size)."""
 import json
 import os
 import subprocess
@@ -6,6 +7,9 @@ import sys
 import textwrap
 
 import torch
+
+from movq_deploy.models.checkpoint import load_checkpoint
+from movq_deploy.training.tokenizer import build_parser, train
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -15,7 +19,7 @@ WORKER = textwrap.dedent("""
     out = sys.argv[1]
     args = build_parser().parse_args(["--out", out, "--steps", "3", "--batch-size", "2", "--disc-start", "1",
                                       "--restart-dead-every", "1", "--log-every", "1", "--eval-every", "3",
-                                      "--save-every", "3", "--quiet", "--device", "cpu"])
+                                      "--save-every", "3", "--quiet", "--device", "cpu", "--workers", "2"])
     torch.manual_seed(0)  # train() starts from the same seed
     initial = MoVQ(MoVQConfig.preset("tiny")).state_dict()
     model = train(args)["model"]
@@ -42,3 +46,13 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics_tokenizer.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 3]  # one writer (rank 0): 3 training records + 1 eval record
     assert (out / "ckpt.pt").is_file() and (out / "reconstructions.png").is_file()
+
+    # The same run goes on in one process: the resume file does not depend on the world size.
+    resumed = train(build_parser().parse_args(["--out", str(out), "--steps", "5", "--batch-size", "2", "--resume",
+                                               "--log-every", "1", "--eval-every", "5", "--save-every", "5",
+                                               "--quiet", "--device", "cpu", "--workers", "0"]))
+    record = load_checkpoint(out / "ckpt.pt")["record"]["tokenizer"]
+    assert record["step"] == 5 and record["world_size"] == 1
+    steps = [json.loads(line)["step"] for line in (out / "metrics_tokenizer.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5, 5]
+    assert any(not torch.equal(v, replicas[0]["trained"][k]) for k, v in resumed["model"].state_dict().items())
