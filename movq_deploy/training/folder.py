@@ -107,21 +107,22 @@ def load_index(root: "str | Path", cache_dir: "str | Path | None" = None) -> Fil
     return index
 
 
-def read_resized(path: Path, shorter: int) -> np.ndarray:
-    """uint8 (H, W, 3) with the shorter side resized to `shorter` (bicubic); JPEGs decode at reduced scale first."""
+def read_resized(source, shorter: int, name: str = "") -> np.ndarray:
+    """uint8 (H, W, 3) of an image file (a path or a binary file object, `name` naming it in errors) with the
+    shorter side resized to `shorter` (bicubic); JPEGs decode at reduced scale first."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.draft("RGB", (shorter, shorter))  # JPEG only: decode at 1/2, 1/4, 1/8 while still >= the target
             image = im.convert("RGB")
     except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise ValueError(f"cannot read image {name or source}: {e}") from None
     w, h = image.size
     scale = shorter / min(w, h)
     size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
     return np.asarray(image.resize(size, Image.BICUBIC), dtype=np.uint8)
 
 
-def _to_tensor(patch: np.ndarray) -> torch.Tensor:
+def to_tensor(patch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(patch)).float().div(127.5).sub(1.0).permute(2, 0, 1)
 
 
@@ -149,11 +150,11 @@ class FolderCrops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         patch, label = self.crop(index)
-        return _to_tensor(patch), label
+        return to_tensor(patch), label
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         crops = [self.crop(int(i)) for i in indices]
-        images = torch.stack([_to_tensor(c[0]) for c in crops])
+        images = torch.stack([to_tensor(c[0]) for c in crops])
         return images, torch.tensor([c[1] for c in crops], dtype=torch.int64)
 
 
@@ -176,7 +177,7 @@ class HeldOutFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         patch, label = self.crop(index)
-        return _to_tensor(patch), label
+        return to_tensor(patch), label
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All held-out crops: uint8 [n, S, S, 3] and int64 labels [n] (decoded once, then kept)."""

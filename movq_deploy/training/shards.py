@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from movq_deploy.training.folder import TRAIN_SCALE
+from movq_deploy.training.folder import TRAIN_SCALE, read_resized, to_tensor
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 EVAL_LIMIT = 512
@@ -56,20 +55,6 @@ def _samples(url: str):
         yield sample[key], label
 
 
-def _decode(data: bytes, shorter: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (shorter, shorter))
-        image = im.convert("RGB")
-    w, h = image.size
-    scale = shorter / min(w, h)
-    size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
-    return np.asarray(image.resize(size, Image.BICUBIC), dtype=np.uint8)
-
-
-def _to_tensor(patch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(patch)).float().div(127.5).sub(1.0).permute(2, 0, 1)
-
-
 class ShardCrops(IterableDataset):
     def __init__(self, urls: list[str], image_size: int, seed: int):
         self.urls, self.image_size, self.seed = urls, image_size, seed
@@ -86,10 +71,10 @@ class ShardCrops(IterableDataset):
                 if len(buffer) < SHUFFLE_BUFFER:
                     continue
                 data, label = buffer.pop(int(rng.integers(len(buffer))))
-                pixels = _decode(data, round(TRAIN_SCALE * s))
+                pixels = read_resized(io.BytesIO(data), round(TRAIN_SCALE * s), "a shard image")
                 top, left = rng.integers(pixels.shape[0] - s + 1), rng.integers(pixels.shape[1] - s + 1)
                 patch = pixels[top:top + s, left:left + s]
-                yield _to_tensor(patch[:, ::-1] if rng.random() < 0.5 else patch), label
+                yield to_tensor(patch[:, ::-1] if rng.random() < 0.5 else patch), label
 
 
 class ShardHeldOut:
@@ -103,7 +88,7 @@ class ShardHeldOut:
         if self._arrays is None:
             s, crops, labels = self.image_size, [], []
             for data, label in _samples(self.url):
-                pixels = _decode(data, s)
+                pixels = read_resized(io.BytesIO(data), s, f"an image of {self.url}")
                 top, left = (pixels.shape[0] - s) // 2, (pixels.shape[1] - s) // 2
                 crops.append(pixels[top:top + s, left:left + s])
                 labels.append(label)
