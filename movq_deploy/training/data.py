@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from movq_deploy.training.folder import IMAGE_EXTENSIONS, TRAIN_SCALE, FolderData, is_images_split, load_index
+from movq_deploy.training.folder import (
+    IMAGE_EXTENSIONS, TRAIN_SCALE, FolderData, is_images_split, load_index, to_tensor,
+)
 from movq_deploy.training.shards import ShardData, is_shard_spec
 from movq_deploy.training.digits import SOURCE as DIGITS_SOURCE
 from movq_deploy.training.digits import DigitsData
@@ -48,12 +50,6 @@ class Picture:
     pixels: np.ndarray  # (H, W, 3) uint8, already resized for its split
     label: int
     name: str
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
-    return x.movedim(-1, -3)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

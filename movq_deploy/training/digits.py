@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from movq_deploy.training.folder import to_tensor
+
 SOURCE = "sklearn:digits"
 HELD_OUT_FRACTION = 0.1
 SPLIT_SEED = 0
@@ -103,14 +105,10 @@ class ShiftedDigits(Dataset):
         return shifted(self.data.train_images[pick], dy, dx), int(self.data.train_labels[pick])
 
     def __getitem__(self, index: int) -> "tuple[torch.Tensor, int]":
-        from movq_deploy.training.data import to_tensor
-
         image, label = self.crop(index)
         return to_tensor(image), label
 
     def batch(self, indices) -> "tuple[torch.Tensor, torch.Tensor]":
-        from movq_deploy.training.data import to_tensor
-
         crops = [self.crop(int(i)) for i in indices]
         return to_tensor(np.stack([c[0] for c in crops])), torch.tensor([c[1] for c in crops], dtype=torch.int64)
 
@@ -128,8 +126,6 @@ class HeldOutDigits(Dataset):
         return self.data.eval_images[index], int(self.data.eval_labels[index])
 
     def __getitem__(self, index: int) -> "tuple[torch.Tensor, int]":
-        from movq_deploy.training.data import to_tensor
-
         image, label = self.crop(index)
         return to_tensor(image), label
 

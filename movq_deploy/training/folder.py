@@ -122,8 +122,10 @@ def read_resized(source, shorter: int, name: str = "") -> np.ndarray:
     return np.asarray(image.resize(size, Image.BICUBIC), dtype=np.uint8)
 
 
-def to_tensor(patch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(patch)).float().div(127.5).sub(1.0).permute(2, 0, 1)
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
 
 
 class FolderCrops(Dataset):
