@@ -45,7 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from movq_deploy.models.blocks import GroupNorm, make_norm, Level, MidBlock
 from movq_deploy.models.initial_feature import make_initial_feature
+from movq_deploy.models.quantizer import MultichannelQuantizer
 
 MODULATIONS = ("none", "first", "all")
 INITIAL_FEATURES = ("conv", "fourier", "sinusoid", "learned")
@@ -214,132 +216,6 @@ class MoVQConfig:
         raise ValueError(f"unknown MoVQ preset {name!r}; choose one of 'paper-f16', 'vqgan-f16', 'tiny', 'digits'")
 
 
-# ---- building blocks ---------------------------------------------------------------------------------------------
-
-
-class SpatialNorm(nn.Module):
-    """Paper eq. 4: GroupNorm(f) * gamma(z_q) + beta(z_q); gamma, beta = 1x1 convs of z_q resized (nearest) to f."""
-
-    def __init__(self, channels: int, zq_channels: int, groups: int):
-        super().__init__()
-        # Names as diffusers' SpatialNorm, so weights map one to one.
-        self.norm_layer = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
-        self.conv_y = nn.Conv2d(zq_channels, channels, kernel_size=1)
-        self.conv_b = nn.Conv2d(zq_channels, channels, kernel_size=1)
-
-    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")  # (B, n_z, H_f, W_f)
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
-
-
-class GroupNorm(nn.GroupNorm):
-    """Plain GroupNorm (eps 1e-6) that accepts, and ignores, the z_q argument SpatialNorm takes."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__(groups, channels, eps=1e-6, affine=True)
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x)
-
-
-def make_norm(channels: int, groups: int, zq_channels: int | None = None) -> nn.Module:
-    """GroupNorm, or the modulated SpatialNorm when `zq_channels` (n_z) is given; both called as norm(x, zq)."""
-    return GroupNorm(channels, groups) if zq_channels is None else SpatialNorm(channels, zq_channels, groups)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, zq_channels: int | None = None):
-        super().__init__()
-        self.norm1 = make_norm(in_ch, groups, zq_channels)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = make_norm(out_ch, groups, zq_channels)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, zq)))
-        h = self.conv2(F.silu(self.norm2(h, zq)))
-        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return skip + h
-
-
-class AttentionBlock(nn.Module):
-    """Single-head self-attention over the h*w positions (VQGAN's AttnBlock; diffusers' deprecated attn block)."""
-
-    def __init__(self, channels: int, groups: int, zq_channels: int | None = None):
-        super().__init__()
-        self.norm = make_norm(channels, groups, zq_channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x, zq).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        # Written out (not F.scaled_dot_product_attention) so every exporter lowers it to MatMul/Softmax.
-        attn = torch.softmax((q @ k.transpose(1, 2)) * C ** -0.5, dim=-1)  # (B, HW, HW)
-        h = self.to_out(attn @ v)  # (B, HW, C)
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad as taming/diffusers: H -> H/2 exactly
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution level: resnets (each followed by attention if enabled), then an optional resampler."""
-
-    def __init__(self, in_ch: int, out_ch: int, num_resnets: int, attention: bool, groups: int,
-                 zq_channels: int | None, resample: str | None):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, zq_channels) for i in range(num_resnets))
-        self.attentions = nn.ModuleList(
-            AttentionBlock(out_ch, groups, zq_channels) for _ in range(num_resnets)) if attention else None
-        self.downsample = Downsample(out_ch) if resample == "down" else None
-        self.upsample = Upsample(out_ch) if resample == "up" else None
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, zq)
-            if self.attentions is not None:
-                x = self.attentions[i](x, zq)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
-
-
-class MidBlock(nn.Module):
-    def __init__(self, channels: int, attention: bool, groups: int, zq_channels: int | None):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups, zq_channels) for _ in range(2))
-        self.attentions = nn.ModuleList([AttentionBlock(channels, groups, zq_channels)]) if attention else None
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.resnets[0](x, zq)
-        if self.attentions is not None:
-            x = self.attentions[0](x, zq)
-        return self.resnets[1](x, zq)
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: MoVQConfig):
         super().__init__()
@@ -379,66 +255,6 @@ class Decoder(nn.Module):
         for level in self.up_blocks:
             h = level(h, zq)
         return self.conv_out(F.silu(self.conv_norm_out(h, zq)))  # (B, 3, H, W)
-
-
-class MultichannelQuantizer(nn.Module):
-    """z (B, n_z, h, w) -> c chunks of d channels per position, each snapped to the nearest of K shared codes.
-
-    Chunk j of a position holds channels [j*d, (j+1)*d) of z. With c = 1 this is exactly the VQ-VAE/VQGAN
-    quantizer: loss = ||sg(z_q) - z||²·beta + ||z_q - sg(z)||² (codebook + beta·commitment; diffusers' `legacy`
-    quantizer swaps the two weights), straight-through gradient z + sg(z_q - z).
-    """
-
-    def __init__(self, codebook_size: int, code_dim: int, num_chunks: int, beta: float):
-        super().__init__()
-        self.codebook_size, self.code_dim, self.num_chunks, self.beta = codebook_size, code_dim, num_chunks, beta
-        self.codebook = nn.Embedding(codebook_size, code_dim)
-        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # as taming/diffusers
-
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Indices int64 (B, h, w, c) of the nearest codes (L2), as one MatMul + ArgMin in an exported graph.
-
-        ||z - e||² = ||z||² - 2 z·e + ||e||²; the ||z||² term is the same for every code of a row, so the argmin
-        is taken over ||e||² - 2 z·e: same indices, less work and less cancellation (keep it fp32 in fp16 graphs).
-        """
-        _, _, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)  # (B*h*w*c, d), the c chunks of a position adjacent
-        e = self.codebook.weight  # (K, d)
-        dist = e.pow(2).sum(1)[None, :] - 2.0 * flat @ e.t()  # (B*h*w*c, K), ||z - e||² - ||z||²
-        return dist.argmin(dim=1).reshape(-1, h, w, self.num_chunks)
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w, c), any integer dtype -> z_q (B, n_z, h, w)."""
-        _, h, w, c = indices.shape
-        zq = self.codebook(indices.long())  # (B, h, w, c, d)
-        return zq.reshape(-1, h, w, c * self.code_dim).permute(0, 3, 1, 2)
-
-    def forward(self, z: torch.Tensor):
-        """-> (z_q with straight-through gradient, loss, info dict). Under autocast, all of it runs in fp32: in bf16
-        the distances of neighbouring codes round to the same value and the argmin flips codes."""
-        if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
-            with torch.autocast(z.device.type, enabled=False):
-                return self._quantize(z.float())
-        return self._quantize(z)
-
-    def _quantize(self, z: torch.Tensor):
-        indices = self.nearest(z)
-        zq = self.lookup(indices)
-        codebook_loss = F.mse_loss(zq, z.detach())
-        commitment_loss = F.mse_loss(z, zq.detach())
-        loss = codebook_loss + self.beta * commitment_loss
-        zq = z + (zq - z).detach()
-        with torch.no_grad():
-            flat = indices.flatten()
-            # scatter_add, not bincount: it also runs on the meta device and under torch.compile.
-            counts = torch.zeros(self.codebook_size, dtype=torch.int64, device=z.device).scatter_add_(
-                0, flat, torch.ones_like(flat))  # (K,) code use in this batch; all-reduce it across DDP ranks
-            probs = counts.float() / counts.sum()
-            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
-        info = {"indices": indices, "perplexity": perplexity, "code_counts": counts,
-                "usage": (counts > 0).float().mean(), "codebook_loss": codebook_loss.detach(),
-                "commitment_loss": commitment_loss.detach()}
-        return zq, loss, info
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------

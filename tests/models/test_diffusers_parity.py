@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from movq_deploy.models.movq import MoVQ, MoVQConfig, SpatialNorm
+from movq_deploy.models.blocks import SpatialNorm
+from movq_deploy.models.movq import MoVQ, MoVQConfig
 
 diffusers = pytest.importorskip("diffusers")
 VQModel = diffusers.VQModel

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from movq_deploy.models.checkpoint import load_models, save_checkpoint
 from movq_deploy.models.initial_feature import FOURIER_SIGMA, sinusoid_table
-from movq_deploy.models.movq import MoVQ, MoVQConfig, MultichannelQuantizer, SpatialNorm
+from movq_deploy.models.blocks import SpatialNorm
+from movq_deploy.models.movq import MoVQ, MoVQConfig
+from movq_deploy.models.quantizer import MultichannelQuantizer
 
 
 def tiny_model(seed=0, **overrides):
