@@ -22,9 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from movq_deploy.training.folder import (
-    IMAGE_EXTENSIONS, TRAIN_SCALE, FolderData, is_images_split, load_index, to_tensor,
-)
+from movq_deploy.training.folder import TRAIN_SCALE, FolderData, is_images_split, load_index, to_tensor
 from movq_deploy.training.shards import ShardData, is_shard_spec
 from movq_deploy.training.digits import SOURCE as DIGITS_SOURCE
 from movq_deploy.training.digits import DigitsData

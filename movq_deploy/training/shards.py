@@ -19,7 +19,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from movq_deploy.training.folder import TRAIN_SCALE, read_resized, to_tensor
