@@ -21,7 +21,6 @@ Measurements run in order (the PyTorch modes, eager first, then ONNX Runtime) an
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 from movq_deploy import contract  # noqa: E402
-from movq_deploy.files import atomic_write_text  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 from movq_deploy.models.graphs import DecoderGraph, PriorStepGraph  # noqa: E402
 from movq_deploy.models.movq import MoVQ, MoVQConfig  # noqa: E402
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig  # noqa: E402
@@ -326,15 +325,10 @@ def main(argv=None) -> dict:
                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
                            "tf32_conv": torch.backends.cudnn.allow_tf32},
               "results": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = (report["machine"]["gpus"] or [report["machine"]["cpu_model"]])[0]
     text = (f"## GPU bar ({device}; {args.config}, {args.steps} steps)\n\n`{command}`\n\n"
             f"{table(rows, args.batch_sizes)}\n")
-    atomic_write_text(out / "gpu_bar.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "gpu_bar.md", text)
-    print(text)
-    return report
+    return write_report(args.out, "gpu_bar", report, text)
 
 
 if __name__ == "__main__":

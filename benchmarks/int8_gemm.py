@@ -17,7 +17,6 @@ Writes int8_gemm.json and int8_gemm.md to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -30,8 +29,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.flops import prior_step_flops  # noqa: E402
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
-from movq_deploy.files import atomic_write_text  # noqa: E402
 
 CONFIGS = {"tiny": ("tiny", "tiny"), "paper": ("paper-f16", "paper")}  # --configs -> (MoVQ preset, prior preset)
 TARGET_FRACTION, TARGET_MIN_BATCH = 0.60, 8  # int8 prior step >= 60% of the int8 GEMM rate at paper size, batch >= 8
@@ -191,13 +190,8 @@ def main(argv=None) -> dict:
     rates = {"threads": threads, "best": best, "readings": readings}
     report = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "duration_s": round(time.time() - started, 1), "machine": machine, "rates": rates, "prior_steps": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(report_lines(command, rates, rows, loads)) + "\n"
-    atomic_write_text(out / "int8_gemm.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "int8_gemm.md", text)
-    print(text)
-    return report
+    return write_report(args.out, "int8_gemm", report, text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes int8_images.json and int8_images.md to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from benchmarks.machine import load_average, machine_info  # noqa: E402
 from movq_deploy.export.quantize_images import (  # noqa: E402
     ImageQuantConfig, load_image_sets, quantize_image_graphs, run_batched,
 )
-from movq_deploy.files import atomic_write_text  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 
 CONFIGS = {"tiny": "tiny", "paper": "paper-f16"}  # --configs -> MoVQ preset
 
@@ -155,13 +154,8 @@ def main(argv=None) -> dict:
     loads = [(machine[k] or ["-"])[0] for k in ("load_average_at_start", "load_average_at_end")]
     report = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "duration_s": round(time.time() - started, 1), "machine": machine, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(report_lines(command, args, results, loads)) + "\n"
-    atomic_write_text(out / "int8_images.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "int8_images.md", text)
-    print(text)
-    return report
+    return write_report(args.out, "int8_images", report, text)
 
 
 if __name__ == "__main__":
