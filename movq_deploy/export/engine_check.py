@@ -35,7 +35,7 @@ def comparison_feeds(inputs: Sequence[dict], codebook_size: int, num_classes: in
     rng = np.random.default_rng(seed)
     feeds = []
     for index, batch in enumerate(batches):
-        feed = {spec["name"]: _input(spec, batch, rng, codebook_size, num_classes, first=index == 0)
+        feed = {spec["name"]: comparison_input(spec, batch, rng, codebook_size, num_classes, first=index == 0)
                 for spec in inputs}
         feeds.append(feed)
     if any(spec["name"] == "temperature" for spec in inputs):
@@ -43,7 +43,9 @@ def comparison_feeds(inputs: Sequence[dict], codebook_size: int, num_classes: in
     return feeds
 
 
-def _input(spec: dict, batch: int, rng, codebook_size: int, num_classes: int, first: bool) -> np.ndarray:
+def comparison_input(spec: dict, batch: int, rng, codebook_size: int, num_classes: int,
+                     first: bool = False) -> np.ndarray:
+    """One graph input of `spec` at `batch`, as comparison_feeds describes (first: all prior tokens masked)."""
     shape = tuple(batch if dim == "batch" else int(dim) for dim in spec["shape"])
     name = spec["name"]
     if name == "image":  # (B, H, W, 3)

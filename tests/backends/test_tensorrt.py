@@ -21,6 +21,7 @@ import pytest
 
 from movq_deploy.backends import cuda
 from movq_deploy.backends import tensorrt as trt_backend
+from movq_deploy.export.engine_check import comparison_input
 from movq_deploy.manifest import EngineDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,31 +174,8 @@ def _manifest(engine_dir) -> EngineDir:
 def _feeds(manifest: EngineDir, precision: str, graph: str, batch: int, seed: int = 0) -> dict:
     """Valid random inputs for `graph`, from its I/O specs in the manifest."""
     rng = np.random.default_rng(seed)
-    K = manifest.codebook_size
-    feeds = {}
-    for spec in manifest.graph(precision, graph)["inputs"]:
-        shape = tuple(batch if d == "batch" else d for d in spec["shape"])
-        name = spec["name"]
-        if name == "image":
-            value = rng.integers(0, 256, shape)
-        elif name == "indices":
-            value = rng.integers(0, K, shape)
-        elif name == "tokens":
-            value = np.where(rng.random(shape) < 0.6, K, rng.integers(0, K, shape))
-        elif name == "class_labels":
-            value = rng.integers(0, manifest.num_classes + 1, shape)
-        elif name == "uniform":
-            value = rng.random(shape)
-        elif name == "gumbel":
-            value = rng.gumbel(size=shape)
-        elif name == "temperature":
-            value = np.ones(shape)
-        elif name == "choice_scale":
-            value = np.full(shape, 2.0)
-        else:
-            raise AssertionError(f"unknown input {name}")
-        feeds[name] = value.astype(spec["dtype"])
-    return feeds
+    return {spec["name"]: comparison_input(spec, batch, rng, manifest.codebook_size, manifest.num_classes)
+            for spec in manifest.graph(precision, graph)["inputs"]}
 
 
 def _onnxruntime(engine_dir, manifest, precision, graph, feeds):
