@@ -84,14 +84,19 @@ def image_file(image: int) -> str:
 
 
 class ShardWriter:
-    """A Ray Data actor: one Generator; writes the shards it is handed (batch {"shard": int64 [k]})."""
+    """A Ray Data actor: one Generator; writes the shards it is handed (batch {"shard": int64 [k]}).
 
-    def __init__(self, config: dict):
+    `threads` caps ONNX Runtime's intra-op threads at the actor's CPU share: by default each Generator takes every
+    physical core, and one actor per CPU slot would then run cores x cores threads.
+    """
+
+    def __init__(self, config: dict, threads: Optional[int] = None):
         from movq_deploy.generator import Generator
 
         self.config = BulkConfig(**config)
         self.generator = Generator(self.config.engine_dir, backend=self.config.backend,
-                                   precision=self.config.precision, batch_size=self.config.batch_size)
+                                   precision=self.config.precision, batch_size=self.config.batch_size,
+                                   threads=threads)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         counts = [write_shard(self.generator, self.config, int(shard)) for shard in batch["shard"]]
@@ -139,9 +144,10 @@ def generate(config: BulkConfig, workers: Optional[int] = None, cpus_per_worker:
         if workers is None:  # one actor per GPU, else one per CPU slot
             workers = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
         workers = min(workers, len(todo))
+        threads = None if gpus >= 1 else max(1, int(cpus_per_worker))  # each CPU actor, its share of the cores
         shards = ray.data.from_items([{"shard": shard} for shard in todo], override_num_blocks=len(todo))
         written = shards.map_batches(
-            ShardWriter, fn_constructor_args=(asdict(config),), batch_size=1,
+            ShardWriter, fn_constructor_args=(asdict(config), threads), batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
             num_gpus=1 if gpus >= 1 else 0,
         )

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("ray", reason="the serve extra is not installed (pip install -e .[serve])")
-from movq_deploy.serving.bulk import BulkConfig, generate  # noqa: E402
+from movq_deploy.backends.onnxruntime import physical_cores  # noqa: E402
+from movq_deploy.serving.bulk import BulkConfig, ShardWriter, generate  # noqa: E402
 
 LABELS = [0, "blue", 1]
 
@@ -77,3 +79,12 @@ def test_a_rerun_with_other_parameters_is_refused(tiny_engines, tmp_path):
         generate(config)
     with pytest.raises(ValueError, match="unknown class name 'purple'"):
         generate(BulkConfig(str(tiny_engines.engine_dir), str(tmp_path / "b"), 4, 1, class_labels=["purple"]))
+
+
+def test_a_worker_runs_the_onnxruntime_threads_it_is_given(tiny_engines, tmp_path):
+    threads = physical_cores() + 1  # not the default, so that the test sees it passed through
+    config = BulkConfig(str(tiny_engines.engine_dir), str(tmp_path / "out"), num_images=1, seed=0,
+                        backend="onnxruntime-cpu")
+    writer = ShardWriter(asdict(config), threads=threads)
+    for runner in writer.generator.backend.runners.values():
+        assert runner.session.get_session_options().intra_op_num_threads == threads
