@@ -9,7 +9,8 @@ Modes, side by side in one run, each one replica on this machine:
 For each mode: an isolated request's latency (sequential requests), the saturated throughput (closed loop, as many
 concurrent clients as the replica's batch), then open-loop Poisson arrivals at fractions of (b)'s saturated
 throughput, bounded by --requests and --max-seconds per rate: achieved images/s, p50/p90/p99 latency, rejections.
-In the same run and process, before Ray starts: Generator.sample(n=64) images/s and Generator.sample(n=1) latency.
+`--pools per-session,shared` deploys each mode twice: with one ONNX Runtime pool per graph, and with one process-wide
+pool in the replica (ServiceConfig.shared_pool). In the same run and process, before Ray starts: Generator.sample(n=64) images/s and Generator.sample(n=1) latency.
 Writes results.json, table.md and latency_vs_load.png to --out. The client shares the machine's cores with the
 replica and Ray's proxy: on a small machine, read the numbers as ratios from one run.
 """
@@ -32,6 +33,7 @@ from benchmarks.machine import cpu_model, library_versions, load_average, usable
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 
 MODES = {"continuous": "(a) continuous batching", "request": "(b) @serve.batch", "none": "(c) one at a time"}
+POOLS = {"per-session": False, "shared": True}  # the replica's ONNX Runtime pools: one per graph, or one per process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=200, help="most requests per rate")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="most seconds of arrivals per rate")
     parser.add_argument("--saturation-seconds", type=float, default=10.0)
+    parser.add_argument("--pools", default="per-session",
+                        help="per-session,shared: one deployment of each mode per setting of the replica's ONNX "
+                             "Runtime thread pools (ServiceConfig.shared_pool)")
     parser.add_argument("--capacity", type=int, default=64, help="images per prior call / per @serve.batch batch")
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -126,15 +131,27 @@ def library_baselines(engine_dir: str, capacity: int) -> dict:
             "sample_n1_p99_ms": single["p99_ms"]}
 
 
-def deploy(mode: str, engine_dir: str, capacity: int, timeout: float, cores: int) -> None:
+def variant(mode: str, pool: str) -> str:
+    """The name of a deployment of batching `mode` with thread-pool setting `pool` (a key of POOLS)."""
+    return mode if pool == "per-session" else f"{mode}+{pool}-pool"
+
+
+def label(name: str) -> str:
+    mode, _, pool = name.partition("+")
+    return MODES[mode] + (f", {pool}" if pool else "")
+
+
+def deploy(name: str, engine_dir: str, capacity: int, timeout: float, cores: int) -> None:
     from ray import serve
 
     from movq_deploy.serving.app import ScaleConfig, build_app
     from movq_deploy.serving.service import ServiceConfig
 
+    mode, _, pool = name.partition("+")
     config = ServiceConfig(engine_dir, backend="onnxruntime-cpu", batching=mode, capacity=capacity,
-                           max_queued_images=4 * capacity, max_request_images=1, request_timeout_s=timeout)
-    serve.run(build_app(config, ScaleConfig(replicas=1, num_cpus=cores)), name=mode, route_prefix=f"/{mode}")
+                           max_queued_images=4 * capacity, max_request_images=1, request_timeout_s=timeout,
+                           shared_pool=bool(pool))
+    serve.run(build_app(config, ScaleConfig(replicas=1, num_cpus=cores)), name=name, route_prefix=f"/{name}")
 
 
 def isolated_latency(url: str, timeout: float, count: int = 20) -> dict:
@@ -167,14 +184,18 @@ def run(args) -> dict:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    modes = args.modes.split(",")
+    pools = args.pools.split(",")
+    unknown = sorted(set(pools) - set(POOLS))
+    if unknown:
+        raise ValueError(f"--pools takes {', '.join(POOLS)}, got {', '.join(unknown)}")
     # (b) first: its saturated throughput sets the offered loads of every mode.
-    order = sorted(modes, key=lambda mode: mode != "request")
+    order = sorted(args.modes.split(","), key=lambda mode: mode != "request")
+    names = [variant(mode, pool) for mode in order for pool in pools]
     report["modes"], rates = {}, None
     try:
-        for mode in order:
-            url = f"http://127.0.0.1:{port}/{mode}/v1/sample"
-            deploy(mode, engine_dir, args.capacity, args.timeout, cores)
+        for name in names:
+            url = f"http://127.0.0.1:{port}/{name}/v1/sample"
+            deploy(name, engine_dir, args.capacity, args.timeout, cores)
             result = {"isolated": isolated_latency(url, args.timeout)}
             result["saturated"] = asyncio.run(closed_loop(url, args.capacity, args.saturation_seconds, args.timeout,
                                                           args.seed))
@@ -185,9 +206,9 @@ def run(args) -> dict:
             for fraction, rate in zip(args.fractions.split(","), rates):
                 row = asyncio.run(open_loop(url, rate, args.requests, args.max_seconds, args.timeout, args.seed))
                 result["open_loop"].append({"fraction_of_b": float(fraction), "rate_per_s": rate, **row})
-                print(f"{mode:>10} {float(fraction):.2f} x (b): {json.dumps(row)}", flush=True)
-            report["modes"][mode] = result
-            serve.delete(mode)
+                print(f"{name:>10} {float(fraction):.2f} x (b): {json.dumps(row)}", flush=True)
+            report["modes"][name] = result
+            serve.delete(name)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -237,7 +258,7 @@ def table(report: dict) -> str:
         for name, row in [("isolated", result["isolated"]), ("saturated (closed loop)", result["saturated"])] + [
                 (f"{r['fraction_of_b']:.2f} x (b) sat.", r) for r in result["open_loop"]]:
             offered = "-" if row.get("offered_per_s") is None else f"{row['offered_per_s']:.1f}"
-            lines.append(f"| {MODES[mode]} | {name} | {offered} | {row['images_per_s']:.1f} | {row['p50_ms']:.0f} | "
+            lines.append(f"| {label(mode)} | {name} | {offered} | {row['images_per_s']:.1f} | {row['p50_ms']:.0f} | "
                          f"{row['p90_ms']:.0f} | {row['p99_ms']:.0f} | {row['rejected']} | {row['errors']} |")
     lib = report["library"]
     lines += ["", f"Library, same run: Generator.sample(n=64) "
@@ -258,8 +279,8 @@ def plot(report: dict, path: Path) -> None:
     for mode, result in report["modes"].items():
         rows = result["open_loop"]
         x = [row["images_per_s"] for row in rows]
-        line, = ax.plot(x, [row["p99_ms"] for row in rows], "o-", label=f"{MODES[mode]} p99")
-        ax.plot(x, [row["p50_ms"] for row in rows], "s--", color=line.get_color(), alpha=0.6, label=f"{MODES[mode]} p50")
+        line, = ax.plot(x, [row["p99_ms"] for row in rows], "o-", label=f"{label(mode)} p99")
+        ax.plot(x, [row["p50_ms"] for row in rows], "s--", color=line.get_color(), alpha=0.6, label=f"{label(mode)} p50")
     ax.set_xlabel("achieved images/s (n=1 requests, Poisson arrivals)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.serve_load import _summary, table, targets
+from benchmarks.serve_load import _summary, label, table, targets, variant
 
 
 def _row(images_per_s, p99, **extra):
@@ -31,3 +31,10 @@ def test_targets_are_ratios_of_the_same_run():
     verdicts = {row["target"].split(" ")[0]: (round(row["ratio"], 3), row["met"]) for row in report["targets"]}
     assert verdicts == {"(a)": (0.95, True), "isolated": (1.25, True), "at": (0.4, True)}
     assert "(a) continuous batching" in table(report) and "| 0.95 | 0.9 | yes |" in table(report)
+
+
+def test_pool_variants_are_named_and_labelled_apart():
+    assert variant("continuous", "per-session") == "continuous"
+    assert variant("continuous", "shared") == "continuous+shared-pool"
+    assert label("continuous") == "(a) continuous batching"
+    assert label("continuous+shared-pool") == "(a) continuous batching, shared-pool"
