@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from movq_deploy.files import atomic_path, atomic_write_text
+from movq_deploy.training.mixed_precision import configure_tf32
 
 RESUME_FORMAT = "movq-deploy-resume"
 
@@ -57,6 +58,16 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(local_rank)
         return Dist(rank, world_size, torch.device("cuda", local_rank))
     return Dist(rank, world_size, torch.device(device))
+
+
+def start_run(args: argparse.Namespace) -> Dist:
+    """A training process's set-up: its CPU threads (--threads), the torchrun process group, TF32 (--tf32)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist_info = setup_distributed(args.device)
+    configure_tf32(args.tf32, dist_info.device)
+    torch.backends.cudnn.benchmark = dist_info.device.type == "cuda"  # fixed shapes: cuDNN picks its kernels once
+    return dist_info
 
 
 def cleanup_distributed() -> None:
@@ -145,6 +156,19 @@ def load_resume(path: Path, stage: str) -> dict:
     if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rng)
     return payload
+
+
+def resume_from(args: argparse.Namespace, path: Path, stage: str, restore: Callable[[dict, Path], None],
+                main: bool) -> "tuple[int, dict]":
+    """(the step to start from, the resume state): with --resume, the state of `path` restored by
+    `restore(state, path)`; else (0, {})."""
+    if not args.resume:
+        return 0, {}
+    state = load_resume(path, stage)
+    restore(state, path)
+    if main:
+        print(f"resuming {stage} from {path} at step {state['step']} of {args.steps}", file=sys.stderr)
+    return state["step"], state
 
 
 class StepLoop:

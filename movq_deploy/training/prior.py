@@ -33,11 +33,11 @@ from movq_deploy.models.checkpoint import load_models, save_checkpoint
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 from movq_deploy.models.reference import ReferenceSampler
-from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, load_resume, no_sync, run_cli,
-                                         save_resume, setup_distributed)
+from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, no_sync, resume_from, run_cli,
+                                         save_resume, start_run)
 from movq_deploy.training.data import ImageData, load_data, to_tensor, to_uint8
 from movq_deploy.training.loader import default_workers, first_crops
-from movq_deploy.training.mixed_precision import autocast, configure_tf32, fp32, maybe_compile
+from movq_deploy.training.mixed_precision import autocast, fp32, maybe_compile
 from movq_deploy.training.options import add_scale_arguments
 from movq_deploy.training.tensorboard import TensorBoardLog
 
@@ -177,6 +177,16 @@ class Stage2:
         self.opt.load_state_dict(state["opt"])
         self.accuracy = dict(state["accuracy"])
 
+    def evaluate(self, step: int, eval_tokens: torch.Tensor, eval_labels: "torch.Tensor | None", log: MetricsLog,
+                 board: TensorBoardLog, movq: MoVQ) -> None:
+        """The held-out masked-token accuracy at `step`, logged (and a sample grid on TensorBoard)."""
+        self.accuracy.update(end=masked_accuracy(self.prior, eval_tokens, eval_labels), end_step=step)
+        record = {"step": step, "eval_masked_accuracy": self.accuracy["end"]}
+        log.write(record)
+        board.record(record)
+        if board.writer is not None:
+            board.image("samples", sample_grid(movq, self.prior), step)
+
     def save(self, step: int) -> None:
         """Both stages into ckpt.pt, and the resume file beside it."""
         args, config = self.args, self.config
@@ -204,6 +214,19 @@ def training_data(args: argparse.Namespace, movq: MoVQ, ckpt: dict, main: bool) 
     workers = args.workers if args.workers is not None else default_workers(next(movq.parameters()).device)
     return data, token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main,
                              workers=workers)
+
+
+def step_batches(args: argparse.Namespace, step: int, rank: int, tokens: torch.Tensor, labels: "torch.Tensor | None",
+                 device: torch.device) -> "tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Generator]":
+    """The --grad-accum micro-batches of token grids [B, N] (and labels [B]) of optimizer step `step`, and the
+    generator of their masks. Both are functions of (seed, step, rank): a resumed run sees what the straight run
+    would."""
+    rng = np.random.default_rng([args.seed, step, rank])
+    picks = torch.from_numpy(rng.integers(len(tokens), size=args.batch_size * args.grad_accum))
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    micro_batches = [(tokens[pick].to(device), None if labels is None else labels[pick].to(device))
+                     for pick in picks.split(args.batch_size)]
+    return micro_batches, generator
 
 
 def train_step(forward, model: torch.nn.Module, opt: torch.optim.Optimizer, mask_id: int,
@@ -234,11 +257,8 @@ def train_step(forward, model: torch.nn.Module, opt: torch.optim.Optimizer, mask
 
 def train(args: argparse.Namespace) -> dict:
     """Runs stage 2; returns {"prior": the trained MaskGITPrior (unwrapped), "accuracy": {...}, "out": Path}."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist_info = setup_distributed(args.device)
+    dist_info = start_run(args)
     device, main = dist_info.device, dist_info.is_main
-    configure_tf32(args.tf32, device)
     movq, _, ckpt = load_models(args.ckpt, device, with_prior=False)  # one-line errors for bad files and weights
     movq.requires_grad_(False)
     data, cache = training_data(args, movq, ckpt, main)
@@ -252,14 +272,8 @@ def train(args: argparse.Namespace) -> dict:
     opt = prior.configure_optimizers(args.weight_decay, args.lr)
     out = Path(args.out) if args.out else Path(args.ckpt)
     stage = Stage2(args, config, prior, opt, ckpt, cache["key"]["tokenizer"], data, out, dist_info.world_size)
-    start = 0
-    if args.resume:
-        state = load_resume(out.parent / RESUME_FILE, STAGE)
-        stage.restore(state, out.parent / RESUME_FILE)
-        start = state["step"]
-        if main:
-            print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
-    else:
+    start, _ = resume_from(args, out.parent / RESUME_FILE, STAGE, stage.restore, main)
+    if not args.resume:
         stage.accuracy["start"] = masked_accuracy(prior, eval_tokens, eval_labels)
     if main:
         print(f"prior {args.config}: {prior.num_parameters() / 1e6:.2f}M parameters, grid {config.grid}, "
@@ -272,12 +286,7 @@ def train(args: argparse.Namespace) -> dict:
     loop = StepLoop(args, start, [opt], f"prior {args.config}", show=main)
     model.train()
     for step in loop:
-        # Batch and masks are functions of (seed, step, rank): a resumed run sees what the straight run would.
-        rng = np.random.default_rng([args.seed, step, dist_info.rank])
-        picks = torch.from_numpy(rng.integers(len(train_tokens), size=args.batch_size * args.grad_accum))
-        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        micro_batches = [(train_tokens[pick].to(device), train_labels[pick].to(device) if config.conditional else None)
-                         for pick in picks.split(args.batch_size)]
+        micro_batches, generator = step_batches(args, step, dist_info.rank, train_tokens, train_labels, device)
         values = train_step(forward, model, opt, config.mask_id, micro_batches, generator, args)
         loop.add(values, loss=f"{float(values['loss']):.3f}", acc=f"{float(values['masked_accuracy']):.3f}")
         done = step + 1
@@ -286,11 +295,7 @@ def train(args: argparse.Namespace) -> dict:
             log.write(record)
             board.record(record)
         if main and loop.due(done, args.eval_every):
-            stage.accuracy.update(end=masked_accuracy(prior, eval_tokens, eval_labels), end_step=done)
-            log.write({"step": done, "eval_masked_accuracy": stage.accuracy["end"]})
-            board.record({"step": done, "eval_masked_accuracy": stage.accuracy["end"]})
-            if board.writer is not None:
-                board.image("samples", sample_grid(movq, prior), done)
+            stage.evaluate(done, eval_tokens, eval_labels, log, board, movq)
         if main and loop.due(done, args.save_every):
             stage.save(done)
     if main:

@@ -36,12 +36,12 @@ from movq_deploy.files import atomic_path
 from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, cleanup_distributed, no_sync,
-                                         load_resume, perplexity_and_dead, psnr, run_cli, save_resume,
-                                         setup_distributed, unwrap)
+                                         perplexity_and_dead, psnr, resume_from, run_cli, save_resume, start_run,
+                                         unwrap)
 from movq_deploy.training.data import HeldOutCrops, ImageData, load_data, to_tensor, to_uint8
 from movq_deploy.training.loader import TimedBatches, training_batches
 from movq_deploy.training.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
-from movq_deploy.training.mixed_precision import autocast, configure_tf32, fp32, maybe_compile
+from movq_deploy.training.mixed_precision import autocast, fp32, maybe_compile
 from movq_deploy.training.options import add_scale_arguments
 from movq_deploy.training.perceptual import load_perceptual
 from movq_deploy.training.tensorboard import TensorBoardLog
@@ -327,22 +327,13 @@ def save(out: Path, step: int, stage: Stage1, data: ImageData, dist_info: Dist, 
 
 def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
     """Runs stage 1; returns {"model": the trained MoVQ (unwrapped), "eval": held-out metrics, "out": Path}."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist_info = setup_distributed(args.device)
+    dist_info = start_run(args)
     device, main = dist_info.device, dist_info.is_main
-    configure_tf32(args.tf32, device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN picks its fastest kernels once
     config = config or MoVQConfig.preset(args.config)
     data = load_data(args.data, config.image_size)
     out = Path(args.out)
-    stage, start, state = Stage1.build(args, config, device, main), 0, {}
-    if args.resume:
-        state = load_resume(out / RESUME_FILE, STAGE)
-        stage.restore(state, out / RESUME_FILE)
-        start = state["step"]
-        if main:
-            print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
+    stage = Stage1.build(args, config, device, main)
+    start, state = resume_from(args, out / RESUME_FILE, STAGE, stage.restore, main)
     stage.ready(dist_info.enabled)
     batches = TimedBatches(training_batches(data.train_set(seed=args.seed), args.batch_size, dist_info.rank,
                                             dist_info.world_size, args.seed, args.workers, device, start,
