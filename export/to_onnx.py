@@ -1,9 +1,11 @@
 """Export ckpt.pt to an engine directory of ONNX graphs, validated against PyTorch.
 
-    python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--fp16] [--int8 [--calibration-data DIR]]
+    python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--guidance-scale W] [--fp16]
+                                     [--int8 [--calibration-data DIR]]
 
 Writes encoder.onnx, decoder.onnx, prior.onnx (+ encoder.fp16.onnx, decoder.fp16.onnx, prior.fp16.onnx with
 --fp16, prior.int8.onnx, encoder.int8.onnx, decoder.int8.onnx with --int8) and manifest.json (movq_deploy.manifest).
+A class-conditional prior also gets prior_guided.onnx (classifier-free guidance; .fp16/.int8 likewise).
 The graphs are the torch modules of movq_deploy.models.graphs: uint8 images and int32 indices at the boundaries, a
 dynamic batch axis named "batch".
 
@@ -32,6 +34,9 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--out", default="engines", help="engine directory to write (replaced atomically)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps recorded as the default (default: "
                                                                 "the paper's, 12 for class-conditional priors, else 8)")
+    parser.add_argument("--guidance-scale", type=float, default=0.0, metavar="W",
+                        help="classifier-free guidance recorded as the default (class-conditional priors; default 0: "
+                             "unguided)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
     parser.add_argument("--int8", action="store_true",
                         help="also write int8 graphs for ONNX Runtime on the CPU: the prior (dynamic), the encoder and "
@@ -42,7 +47,7 @@ def main(argv: "list[str] | None" = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8,
-                          calibration_data=args.calibration_data)
+                          calibration_data=args.calibration_data, guidance_scale=args.guidance_scale)
     except (FileNotFoundError, ValueError, ExportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

@@ -55,7 +55,7 @@ def sample(args: argparse.Namespace) -> int:
     with _Progress("sampling") as progress:
         images = generator.sample(n=args.n, steps=args.steps, seed=seed, class_labels=labels,
                                   temperature=args.temperature, choice_temperature=args.choice_temperature,
-                                  output_type="np", progress=progress)
+                                  guidance_scale=args.guidance_scale, output_type="np", progress=progress)
     seconds = time.perf_counter() - start
     _save(make_grid(images, nrow=args.nrow), args.out)
     print(f"{len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} images/s) on "
@@ -79,8 +79,8 @@ def edit(args: argparse.Namespace) -> int:
     with _Progress("editing") as progress:
         fills = generator.edit([image] * args.n, [mask] * args.n, steps=args.steps, seed=seed,
                                class_labels=_labels(args.class_label), temperature=args.temperature,
-                               choice_temperature=args.choice_temperature, paste_original=args.paste_original,
-                               output_type="np", progress=progress)
+                               choice_temperature=args.choice_temperature, guidance_scale=args.guidance_scale,
+                               paste_original=args.paste_original, output_type="np", progress=progress)
     if args.before_after:  # one row: the input, the input with the mask greyed out, the fills
         before = np.asarray(image.convert("RGB"))
         masked = np.asarray(mask.convert("L")) >= 128
@@ -102,7 +102,8 @@ def info(args: argparse.Namespace) -> int:
     print(f"classes       {generator.num_classes or 'unconditional'}")
     defaults = engine_dir.sampling
     print(f"sampling      {defaults.steps} steps, temperature {defaults.temperature}, choice temperature "
-          f"{defaults.choice_temperature} (defaults)")
+          f"{defaults.choice_temperature}, guidance scale {defaults.guidance_scale:g} (defaults)")
+    print(f"guidance      {'yes (prior_guided graph)' if generator.no_guidance is None else generator.no_guidance}")
     print(f"graphs        {', '.join(sorted(engine_dir.graphs))}; engines: "
           f"{', '.join(sorted(engine_dir.engines)) or 'none'}")
     return 0
@@ -118,7 +119,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         if given(name) is not None and given(name) < low:
             raise ValueError(f"{flag} must be {'positive' if low else 'non-negative'}, got {given(name)}")
     for name, flag, strict in (("temperature", "--temperature", True),
-                               ("choice_temperature", "--choice-temperature", False)):
+                               ("choice_temperature", "--choice-temperature", False),
+                               ("guidance_scale", "--guidance-scale", False)):
         value = given(name)
         if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
             raise ValueError(f"{flag} must be a finite number {'> 0' if strict else '>= 0'}, got {value}")
@@ -172,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=float, default=None, help="of the token draw (default: the manifest's)")
         sub.add_argument("--choice-temperature", type=float, default=None,
                          help="of the confidence noise (default: the manifest's)")
+        sub.add_argument("--guidance-scale", type=float, default=None, metavar="W",
+                         help="classifier-free guidance w >= 0 (class-conditional models; default: the manifest's, "
+                              "0 = unguided)")
         sub.add_argument("--nrow", type=int, default=None, help="images per grid row")
 
     sub = command("sample", sample, "sample new images into a grid PNG")

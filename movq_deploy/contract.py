@@ -1,4 +1,4 @@
-"""The graph contract: the inputs and outputs of the three exported graphs, and how the sampling loop feeds them.
+"""The graph contract: the inputs and outputs of the exported graphs, and how the sampling loop feeds them.
 
 This module is the deployment boundary written once. The exporter names the ONNX inputs and outputs from it, the
 runtime checks every runner against it, and the runtime, the PyTorch reference and the benchmarks build the
@@ -9,9 +9,13 @@ prior-step feeds with `prior_step_feeds` and plug a runner into the loop with `r
     prior    tokens int32 [B,N], class_labels int32 [B] (conditional),  -> sampled int32 [B,N],
              uniform f32 [B,N], gumbel f32 [B,N],                          confidence f32 [B,N]
              temperature f32 [B], choice_scale f32 [B]
+    prior_guided  the conditional prior's inputs + guidance_scale f32 [B]  -> sampled, confidence (as prior)
+             (class-conditional priors only: classifier-free guidance, logits = cond + w * (cond - uncond))
 
-B is the dynamic batch axis, named "batch" in every graph; N = h*w*c. temperature and choice_scale are per image,
-so images of different requests, at different steps, can share one prior call. numpy only.
+B is the dynamic batch axis, named "batch" in every graph; N = h*w*c. temperature, choice_scale and guidance_scale
+are per image, so images of different requests, at different steps, can share one prior call. Every engine
+directory has the three graphs of GRAPH_NAMES; a class-conditional export also has prior_guided (OPTIONAL_GRAPHS;
+directories exported before it lack it and refuse guidance). numpy only.
 """
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Un
 
 import numpy as np
 
-GRAPH_NAMES = ("encoder", "decoder", "prior")
+GRAPH_NAMES = ("encoder", "decoder", "prior")  # every engine directory has these
+GUIDED_PRIOR = "prior_guided"
+OPTIONAL_GRAPHS = (GUIDED_PRIOR,)  # class-conditional exports only
+PRIOR_GRAPHS = ("prior", GUIDED_PRIOR)  # the prior-step graphs: same outputs, same sampling tail
 BATCH = "batch"  # the name of the dynamic batch axis
 PRIOR_OUTPUTS = ("sampled", "confidence")
 
@@ -54,7 +61,7 @@ class PriorRunner(Protocol):
 
 
 def graph_io(name: str, image_size: int, grid: Sequence[int], conditional: bool) -> GraphIO:
-    """The contract of graph `name` ("encoder", "decoder" or "prior") for a model of this size."""
+    """The contract of graph `name` ("encoder", "decoder", "prior" or "prior_guided") for a model of this size."""
     h, w, c = grid
     image = TensorSpec("image", "uint8", (BATCH, image_size, image_size, 3))
     indices = TensorSpec("indices", "int32", (BATCH, h, w, c))
@@ -62,20 +69,24 @@ def graph_io(name: str, image_size: int, grid: Sequence[int], conditional: bool)
         return GraphIO(name, (image,), (indices,))
     if name == "decoder":
         return GraphIO(name, (indices,), (image,))
-    if name != "prior":
-        raise ValueError(f"graph must be one of {', '.join(GRAPH_NAMES)}, got {name!r}")
+    if name not in PRIOR_GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPH_NAMES + OPTIONAL_GRAPHS)}, got {name!r}")
+    if name == GUIDED_PRIOR and not conditional:
+        raise ValueError("the prior_guided graph exists for class-conditional priors only")
     slots = (BATCH, h * w * c)
     labels = (TensorSpec("class_labels", "int32", (BATCH,)),) if conditional else ()
+    guidance = (TensorSpec("guidance_scale", "float32", (BATCH,)),) if name == GUIDED_PRIOR else ()
     inputs = (TensorSpec("tokens", "int32", slots), *labels, TensorSpec("uniform", "float32", slots),
               TensorSpec("gumbel", "float32", slots), TensorSpec("temperature", "float32", (BATCH,)),
-              TensorSpec("choice_scale", "float32", (BATCH,)))
+              TensorSpec("choice_scale", "float32", (BATCH,)), *guidance)
     outputs = (TensorSpec("sampled", "int32", slots), TensorSpec("confidence", "float32", slots))
     return GraphIO(name, inputs, outputs)
 
 
-def prior_input_names(conditional: bool) -> List[str]:
-    """The prior step's input names, in graph order (without class_labels for an unconditional prior)."""
-    return graph_io("prior", 1, (1, 1, 1), conditional).input_names
+def prior_input_names(conditional: bool, guided: bool = False) -> List[str]:
+    """The prior step's input names, in graph order (without class_labels for an unconditional prior; with
+    guidance_scale last for the guided graph)."""
+    return graph_io(GUIDED_PRIOR if guided else "prior", 1, (1, 1, 1), conditional).input_names
 
 
 def check_runner(runner, expected: GraphIO, where: str) -> None:
@@ -100,11 +111,13 @@ def prior_step_feeds(
     gumbel: np.ndarray,
     temperature: "float | np.ndarray",
     choice_scale: "float | np.ndarray",
+    guidance_scale: "float | np.ndarray | None" = None,
 ) -> Dict[str, np.ndarray]:
     """The prior step's feeds, named and typed as the graph takes them.
 
     tokens [B,N] (the mask id where unknown), class_labels [B] or None (unconditional), uniform and gumbel [B,N];
-    temperature and choice_scale one number for every image or one per image [B] (cast to float32 here, once).
+    temperature and choice_scale one number for every image or one per image [B] (cast to float32 here, once);
+    guidance_scale likewise for the guided graph, None for the plain one.
     """
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     batch = len(tokens)
@@ -115,6 +128,8 @@ def prior_step_feeds(
     feeds["gumbel"] = np.ascontiguousarray(gumbel, dtype=np.float32)
     feeds["temperature"] = _per_image(temperature, batch, "temperature")
     feeds["choice_scale"] = _per_image(choice_scale, batch, "choice_scale")
+    if guidance_scale is not None:
+        feeds["guidance_scale"] = _per_image(guidance_scale, batch, "guidance_scale")
     return feeds
 
 
@@ -127,14 +142,39 @@ def _per_image(value, batch: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def runner_step_fn(runner: PriorRunner, after_call: Optional[Callable[[], None]] = None):
-    """A movq_deploy.sampling.StepFn that runs a prior-step runner (anything with `run(feeds) -> outputs`);
-    `after_call` is called after each run (a progress tick)."""
+def runner_step_fn(runner: PriorRunner, after_call: Optional[Callable[[], None]] = None,
+                   guided_runner: Optional[PriorRunner] = None):
+    """A movq_deploy.sampling.StepFn over the prior-step runners (anything with `run(feeds) -> outputs`).
 
-    def step(tokens, class_labels, uniform, gumbel, temperature, choice_scale):
-        outputs = runner.run(prior_step_feeds(tokens, class_labels, uniform, gumbel, temperature, choice_scale))
+    Rows with guidance_scale 0 run on `runner` (the plain prior graph), the others on `guided_runner` (the
+    prior_guided graph), in the same step: at most two calls, results merged by row. A row's result depends on its
+    own inputs only, so it does not matter which rows share a call. `after_call` is called once per step (a
+    progress tick).
+    """
+
+    def step(tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale=0.0):
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        guidance = np.empty(len(tokens), dtype=np.float32)
+        guidance[:] = guidance_scale  # (B,), one number or one per image
+        guided = guidance != 0
+        if guided.any() and guided_runner is None:
+            raise ValueError("guidance_scale != 0 needs the prior_guided graph, which these runners lack")
+        sampled = np.empty(tokens.shape, dtype=np.int32)
+        confidence = np.empty(tokens.shape, dtype=np.float32)
+        for rows, graph_runner, scale in ((~guided, runner, None), (guided, guided_runner, guidance)):
+            if not rows.any():
+                continue
+            everything = bool(rows.all())  # no copies when one graph takes every row
+
+            def pick(array):  # the rows of a per-row input; None and one number for all rows stay as they are
+                return array if array is None or everything or np.ndim(array) == 0 else np.asarray(array)[rows]
+
+            outputs = graph_runner.run(prior_step_feeds(
+                pick(tokens), pick(class_labels), pick(uniform), pick(gumbel), pick(temperature),
+                pick(choice_scale), pick(scale)))
+            sampled[rows], confidence[rows] = outputs["sampled"], outputs["confidence"]
         if after_call is not None:
             after_call()
-        return outputs["sampled"], outputs["confidence"]
+        return sampled, confidence
 
     return step

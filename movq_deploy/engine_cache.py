@@ -24,14 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from movq_deploy.contract import GRAPH_NAMES
 from movq_deploy.files import sha256_file
 from movq_deploy.manifest import EngineDir
 
-# The graphs an engine directory turns into engines (all of them), and the precisions TensorRT builds from: fp32 and
-# fp16 ONNX graphs. The "int8" graphs are ONNX Runtime dynamic quantization (MatMulInteger), which TensorRT does not
-# parse.
-ENGINE_GRAPHS = GRAPH_NAMES
+# An engine directory turns every graph it has (EngineDir.graph_names: prior_guided too, when present) into an
+# engine, from its fp32 or fp16 ONNX graphs. The "int8" graphs are ONNX Runtime dynamic quantization
+# (MatMulInteger), which TensorRT does not parse.
 ENGINE_PRECISIONS = ("fp32", "fp16")
 # The builder's timing cache, kept in the engine directory so that rebuilds and re-exports reuse it.
 TIMING_CACHE_NAME = "tensorrt.timing-cache"
@@ -178,10 +176,11 @@ def check_engine_platform(entry: dict, platform: Platform) -> None:
 
 
 def usable_precisions(engine_dir: EngineDir, platform: Platform) -> list:
-    """The precisions with an engine for every graph that matches `platform`, preferred (fastest) first."""
+    """The precisions with an engine for every graph of the directory that matches `platform`, preferred (fastest)
+    first."""
     usable = []
     for precision in ("fp16", "fp32"):
-        entries = [engine_dir.engine(precision, graph) for graph in ENGINE_GRAPHS]
+        entries = [engine_dir.engine(precision, graph) for graph in engine_dir.graph_names]
         if all(entry is not None and platform_mismatch(entry, platform) is None for entry in entries):
             usable.append(precision)
     return usable
@@ -197,10 +196,10 @@ def engines_status(engine_dir: EngineDir, platform: Platform) -> "tuple[bool, st
         return False, "the engine directory has no TensorRT engines (run `python export/build_trt.py --fp16`)"
     reasons = []
     for precision, graphs in sorted(engines.items()):
-        missing = [graph for graph in ENGINE_GRAPHS if graph not in graphs]
+        missing = [graph for graph in engine_dir.graph_names if graph not in graphs]
         if missing:
             reasons.append(f"{precision}: no {'/'.join(missing)} engine")
             continue
-        mismatch = next(filter(None, (platform_mismatch(graphs[g], platform) for g in ENGINE_GRAPHS)), None)
+        mismatch = next(filter(None, (platform_mismatch(graphs[g], platform) for g in engine_dir.graph_names)), None)
         reasons.append(f"{precision}: {mismatch}")
     return False, "; ".join(reasons)

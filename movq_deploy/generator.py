@@ -69,15 +69,17 @@ class Generator:
         self.backend_reason = self.backend.reason
         self.precision = self.backend.precision
         runners = self.backend.runners
-        for name in contract.GRAPH_NAMES:  # a graph from another export or another version is refused here
+        for name in self.engine_dir.graph_names:  # a graph from another export or another version is refused here
             expected = contract.graph_io(name, self.image_size, self.grid, conditional=self.num_classes > 0)
             contract.check_runner(runners[name], expected, str(self.engine_dir.path))
         self._encoder, self._decoder, self._prior = runners["encoder"], runners["decoder"], runners["prior"]
+        self._prior_guided = runners.get(contract.GUIDED_PRIOR)  # None: no classifier-free guidance
 
         def limit(default: int, *runners) -> int:
             return min([batch_size or default] + [r.max_batch for r in runners if r.max_batch is not None])
 
-        self.batch_size = limit(DEFAULT_PRIOR_BATCH, self._prior)  # images per prior step
+        prior_runners = [self._prior] + ([self._prior_guided] if self._prior_guided is not None else [])
+        self.batch_size = limit(DEFAULT_PRIOR_BATCH, *prior_runners)  # images per prior step
         self.image_batch_size = limit(DEFAULT_IMAGE_BATCH, self._encoder, self._decoder)  # per encode / decode
 
     # ---- what the engine directory says ----------------------------------------------------------------------
@@ -140,6 +142,7 @@ class Generator:
         class_labels: sampling.ClassLabels = None,
         temperature: Optional[sampling.PerImage] = None,
         choice_temperature: Optional[sampling.PerImage] = None,
+        guidance_scale: Optional[sampling.PerImage] = None,
         output_type: str = "pil",
         progress: Optional[Progress] = None,
     ) -> Output:
@@ -148,18 +151,22 @@ class Generator:
 
         seed=None draws a fresh seed. Image i of a call depends on (seed, i) only, not on the batch size or backend.
         class_labels (conditional models): None (the null class), one label, or n labels (ints or class names).
-        steps, temperature and choice_temperature default to the engine directory's sampling defaults; the two
-        temperatures may be one number or one per image.
+        guidance_scale (class-conditional models with the prior_guided graph): classifier-free guidance w >= 0,
+        logits = cond + w * (cond - uncond); 0 gives exactly the unguided images.
+        steps, temperature, choice_temperature and guidance_scale default to the engine directory's sampling
+        defaults; the two temperatures and guidance_scale may be one number or one per image.
         """
         check_output_type(output_type, OUTPUT_TYPES)
         n = sampling.check_count(n)
-        options = self.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
+        options = self.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature,
+                                        guidance_scale)
         decode = output_type != "tokens"
         ticker = _Ticker(progress, sampling.prior_calls(n, options.steps, self.batch_size)
                          + decode * self._image_calls(n))
         tokens = sampling.sample_tokens(self._step_fn(ticker), n, self.num_slots, self.mask_id, options.steps,
                                         options.seed, options.class_labels, options.temperature,
-                                        options.choice_temperature, max_batch=self.batch_size)
+                                        options.choice_temperature, max_batch=self.batch_size,
+                                        guidance_scale=options.guidance_scale)
         return tokens if not decode else to_output(self._decode(tokens.reshape(n, *self.grid), ticker), output_type)
 
     def sample_tokens(self, n: int = 64, **options) -> np.ndarray:
@@ -176,6 +183,7 @@ class Generator:
         class_labels: sampling.ClassLabels = None,
         temperature: Optional[sampling.PerImage] = None,
         choice_temperature: Optional[sampling.PerImage] = None,
+        guidance_scale: Optional[sampling.PerImage] = None,
         output_type: str = "pil",
         paste_original: bool = False,
         feather: int = 2,
@@ -199,7 +207,8 @@ class Generator:
         pixels = to_uint8_images(images, self.image_size)
         pixel_masks = to_bool_masks(masks, len(pixels), self.image_size)
         count = len(pixels)
-        options = self.sampling_options(count, steps, seed, class_labels, temperature, choice_temperature)
+        options = self.sampling_options(count, steps, seed, class_labels, temperature, choice_temperature,
+                                        guidance_scale)
         slot_mask = sampling.slot_mask_from_pixels(pixel_masks, self.grid)  # (B, N)
         edited = len(sampling.rows_to_generate(slot_mask))
         ticker = _Ticker(progress, self._image_calls(count) * (1 + decode)
@@ -207,7 +216,8 @@ class Generator:
         tokens = self._encode(pixels, ticker).reshape(count, self.num_slots)  # (B, N)
         tokens = sampling.edit_tokens(self._step_fn(ticker), tokens, slot_mask, self.mask_id, options.steps,
                                       options.seed, options.class_labels, options.temperature,
-                                      options.choice_temperature, max_batch=self.batch_size)
+                                      options.choice_temperature, max_batch=self.batch_size,
+                                      guidance_scale=options.guidance_scale)
         if not decode:
             return tokens
         images = self._decode(tokens.reshape(count, *self.grid), ticker)
@@ -247,15 +257,30 @@ class Generator:
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def sampling_options(self, n: int, steps=None, seed=None, class_labels=None, temperature=None,
-                         choice_temperature=None) -> sampling.SamplingOptions:
+                         choice_temperature=None, guidance_scale=None) -> sampling.SamplingOptions:
         """The checked arguments of a call that makes n images, as `sample` checks them (the engine directory's
         defaults for None; a fresh seed for seed=None); ValueError in one line."""
-        return sampling.check_options(n, steps, seed, class_labels, temperature, choice_temperature,
+        return sampling.check_options(n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale,
                                       num_classes=self.num_classes, class_names=self.class_names,
-                                      defaults=self.engine_dir.sampling)
+                                      defaults=self.engine_dir.sampling, no_guidance=self.no_guidance)
+
+    @property
+    def no_guidance(self) -> Optional[str]:
+        """Why this Generator cannot sample with classifier-free guidance, or None when it can."""
+        if self.num_classes == 0:
+            return "classifier-free guidance needs a class-conditional prior, and this model is unconditional"
+        if self._prior_guided is None:
+            return (f"{self.engine_dir.path} has no prior_guided graph (exported before guidance); re-export it "
+                    f"with export/to_onnx.py to sample with guidance")
+        return None
+
+    def prior_step_fn(self, after_call: Optional[Callable[[], None]] = None) -> sampling.StepFn:
+        """The sampling loop's StepFn over this Generator's prior-step runners (rows with guidance_scale 0 on the
+        prior graph, the others on prior_guided); the server's schedulers use it too."""
+        return contract.runner_step_fn(self._prior, after_call, guided_runner=self._prior_guided)
 
     def _step_fn(self, ticker: "_Ticker") -> sampling.StepFn:
-        return contract.runner_step_fn(self._prior, after_call=ticker.tick)
+        return self.prior_step_fn(after_call=ticker.tick)
 
     def _encode(self, pixels: np.ndarray, ticker: Optional["_Ticker"]) -> np.ndarray:
         return self._run_chunked(self._encoder, "image", pixels, "indices", ticker)  # (B, h, w, c) int32

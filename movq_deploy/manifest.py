@@ -7,12 +7,14 @@ by export/build_trt.py ("engines"); read by the runtime. torch-free. Layout
     {"format": "movq-deploy-engines", "format_version": 2,
      "model": {"tokenizer": {...}, "prior": {...}}, "grid": {"h", "w", "c"}, "codebook_size": K, "mask_id": K,
      "image_size": H, "num_classes": n, "class_names": [...],
-     "sampling": {"steps", "temperature", "choice_temperature"},
+     "sampling": {"steps", "temperature", "choice_temperature", "guidance_scale" (optional, 0 when absent)},
      "graphs": {precision: {graph name: {"file", "sha256", "opset", "exporter", "inputs", "outputs"}}},
      "validation": {"batch_sizes", "tolerance", precision: {graph name: {figure: value}}},
      "export": {"checkpoint", "checkpoint_sha256", "torch", "onnx", "onnxruntime", "seconds"},
      "engines": {precision: {graph name: {"file", "sha256", "onnx_sha256", ...}}}}   # export/build_trt.py
 
+A class-conditional export also lists the "prior_guided" graph (classifier-free guidance) at every precision, and
+its engines; directories exported before it lack it (EngineDir.graph_names says which graphs a directory has).
 precision is "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs, the dynamic int8 prior and the static int8
 encoder and decoder; directories exported before those list the prior only, and use the fp32 encoder and decoder).
 A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from movq_deploy.contract import GRAPH_NAMES
+from movq_deploy.contract import GRAPH_NAMES, GUIDED_PRIOR, OPTIONAL_GRAPHS
 from movq_deploy.files import atomic_write_text, sha256_file
 from movq_deploy.sampling import SamplingDefaults
 
@@ -116,8 +118,10 @@ class EngineDir:
             raise ValueError(f"{where} has format version {version!r}; this movq-deploy reads version "
                              f"{FORMAT_VERSION}: {REEXPORT}")
         read = _Reader(data, where)
+        guidance_scale = read.float("sampling.guidance_scale", optional=True)
         sampling = SamplingDefaults(read.int("sampling.steps"), read.float("sampling.temperature"),
-                                    read.float("sampling.choice_temperature"))
+                                    read.float("sampling.choice_temperature"),
+                                    0.0 if guidance_scale is None else guidance_scale)
         engine_dir = cls(
             path=Path(path), model=read.dict("model"),
             grid=Grid(read.int("grid.h"), read.int("grid.w"), read.int("grid.c")),
@@ -142,7 +146,8 @@ class EngineDir:
             "codebook_size": self.codebook_size, "mask_id": self.mask_id, "image_size": self.image_size,
             "num_classes": self.num_classes, "class_names": list(self.class_names),
             "sampling": {"steps": self.sampling.steps, "temperature": self.sampling.temperature,
-                         "choice_temperature": self.sampling.choice_temperature},
+                         "choice_temperature": self.sampling.choice_temperature,
+                         "guidance_scale": self.sampling.guidance_scale},
             "graphs": self.graphs, "validation": self.validation, "export": self.export,
         }
         if self.engines:
@@ -159,19 +164,31 @@ class EngineDir:
         return replace(self, path=Path(path))
 
     # ---- graphs and engines ------------------------------------------------------------------------------------
+    @property
+    def graph_names(self) -> "tuple[str, ...]":
+        """The graphs this directory has: encoder, decoder, prior, and prior_guided when its fp32 graphs list it
+        (class-conditional exports since guidance; each precision of it then has it too)."""
+        return GRAPH_NAMES + tuple(name for name in OPTIONAL_GRAPHS if self.graph("fp32", name) is not None)
+
+    @property
+    def guided(self) -> bool:
+        """Whether this directory can sample with classifier-free guidance (it has the prior_guided graph)."""
+        return GUIDED_PRIOR in self.graph_names
+
     def graph(self, precision: str, name: str) -> Optional[dict]:
         """The ONNX file entry of graph `name` at `precision`, or None."""
         return self.graphs.get(precision, {}).get(name)
 
     def graph_entries(self, precision: str) -> Dict[str, dict]:
-        """{graph name: ONNX file entry} of the three graphs at `precision`; FileNotFoundError naming a missing one.
+        """{graph name: ONNX file entry} of the directory's graphs (`graph_names`) at `precision`; FileNotFoundError
+        naming a missing one.
 
         "int8": the int8 prior, encoder and decoder; a directory exported before the encoder and decoder were
         quantized lists the int8 prior only, and its fp32 encoder and decoder are used.
         """
         entries = {}
-        for name in GRAPH_NAMES:
-            fallback = precision == "int8" and name != "prior" and self.graph("int8", name) is None
+        for name in self.graph_names:
+            fallback = precision == "int8" and name in ("encoder", "decoder") and self.graph("int8", name) is None
             graph_precision = "fp32" if fallback else precision
             entry = self.graph(graph_precision, name)
             if entry is None:
@@ -245,8 +262,9 @@ class _Reader:
     def int(self, key: str) -> int:
         return self._typed(key, int, "an int")
 
-    def float(self, key: str) -> float:
-        return float(self._typed(key, (int, float), "a number"))
+    def float(self, key: str, optional: bool = False) -> Optional[float]:
+        value = self._typed(key, (int, float), "a number", optional)
+        return None if value is None else float(value)
 
     def list(self, key: str) -> list:
         return list(self._typed(key, list, "a list"))

@@ -17,11 +17,13 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 # One step of the prior: (tokens [B,N] int32, class_labels [B] int32 or None, uniform [B,N] f32, gumbel [B,N] f32,
-# temperature [B], choice_scale [B]) -> (sampled [B,N] int32, confidence [B,N] f32). Known slots keep their token
-# and get confidence +inf; masked slots get a token drawn by inverse CDF from softmax(logits / temperature) with
-# `uniform`, and confidence log p(token) + choice_scale * gumbel. temperature and choice_scale are per image.
+# temperature [B], choice_scale [B], guidance_scale [B]) -> (sampled [B,N] int32, confidence [B,N] f32). Known slots
+# keep their token and get confidence +inf; masked slots get a token drawn by inverse CDF from
+# softmax(logits / temperature) with `uniform`, and confidence log p(token) + choice_scale * gumbel. With
+# guidance_scale w != 0 (class-conditional priors) the logits are cond + w * (cond - uncond), uncond those of the
+# null class. temperature, choice_scale and guidance_scale are per image.
 StepFn = Callable[
-    [np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    [np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     "tuple[np.ndarray, np.ndarray]",
 ]
 PerImage = Union[float, Sequence[float], np.ndarray]  # one value for every image, or one per image
@@ -36,6 +38,7 @@ class SamplingDefaults:
     steps: int = 8  # T (the paper's FFHQ setting)
     temperature: float = 1.0  # of the token draw
     choice_temperature: float = 4.5  # scale of the Gumbel noise on the confidence (MaskGIT's)
+    guidance_scale: float = 0.0  # classifier-free guidance w (class-conditional priors); 0 = unguided
 
 
 DEFAULTS = SamplingDefaults()
@@ -107,21 +110,23 @@ def unmask(
     class_labels: Optional[np.ndarray] = None,
     temperature: PerImage = DEFAULTS.temperature,
     choice_temperature: PerImage = DEFAULTS.choice_temperature,
+    guidance_scale: PerImage = DEFAULTS.guidance_scale,
 ) -> np.ndarray:
     """Runs the T steps of MaskGIT decoding on `tokens` (int32 [B,N], `mask_id` where unknown); returns int32 [B,N].
 
     T is the noise's second axis. N0 is counted per image, so an editing batch may mix masks of different sizes.
-    temperature and choice_temperature: one number, or one per image [B].
+    temperature, choice_temperature and guidance_scale: one number, or one per image [B].
     """
     batch, steps = uniform.shape[0], uniform.shape[1]
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (batch,))
     choice_temperature = np.broadcast_to(np.asarray(choice_temperature, dtype=np.float64), (batch,))
+    guidance_scale = np.broadcast_to(np.asarray(guidance_scale, dtype=np.float64), (batch,))
     num_masked = (tokens == mask_id).sum(axis=1)
     counts = np.stack([remask_counts(int(n), steps) for n in num_masked])  # (B, T)
     for t in range(steps):
         sampled, confidence = step_fn(tokens, class_labels, uniform[:, t], gumbel[:, t], temperature,
-                                      choice_scale(t, steps, choice_temperature))
+                                      choice_scale(t, steps, choice_temperature), guidance_scale)
         # After the last step nothing is masked again (its count is 0): the samples are the result.
         tokens = np.where(select_remask(confidence, counts[:, t]), np.int32(mask_id), sampled).astype(np.int32)
     return tokens
@@ -139,6 +144,7 @@ def sample_tokens(
     choice_temperature: PerImage = DEFAULTS.choice_temperature,
     max_batch: Optional[int] = None,
     first_index: int = 0,
+    guidance_scale: PerImage = DEFAULTS.guidance_scale,
 ) -> np.ndarray:
     """Samples n token grids from scratch (every slot masked); returns int32 [n, num_slots].
 
@@ -149,7 +155,7 @@ def sample_tokens(
     tokens = np.full((n, num_slots), mask_id, dtype=np.int32)
     slot_mask = np.ones((n, num_slots), dtype=bool)
     return edit_tokens(step_fn, tokens, slot_mask, mask_id, steps, seed, class_labels, temperature,
-                       choice_temperature, max_batch, first_index)
+                       choice_temperature, max_batch, first_index, guidance_scale)
 
 
 def edit_tokens(
@@ -164,6 +170,7 @@ def edit_tokens(
     choice_temperature: PerImage = DEFAULTS.choice_temperature,
     max_batch: Optional[int] = None,
     first_index: int = 0,
+    guidance_scale: PerImage = DEFAULTS.guidance_scale,
 ) -> np.ndarray:
     """Regenerates the slots of `tokens` (int [B,N]) where `slot_mask` (bool [B,N]) is True; returns int32 [B,N].
 
@@ -172,7 +179,8 @@ def edit_tokens(
     the result does not depend on `max_batch`, an all-masked edit equals `sample_tokens` with the same seed, and a
     call with first_index=k continues one that did k images (as bulk generation does, split over workers).
     Images with nothing masked are returned unchanged without running the prior. `class_labels`: int32 [B] prior
-    class ids (see `resolve_class_labels`) or None; temperature and choice_temperature: one number, or one per image.
+    class ids (see `resolve_class_labels`) or None; temperature, choice_temperature and guidance_scale (w >= 0,
+    classifier-free guidance; rows with w = 0 are unguided): one number, or one per image.
     """
     steps, seed = check_steps(steps), check_seed(seed)
     if not (is_int(first_index) and first_index >= 0):
@@ -186,6 +194,7 @@ def edit_tokens(
                          f"{slot_mask.shape}")
     batch, num_slots = tokens.shape
     temperature, choice_temperature = check_temperatures(temperature, choice_temperature, batch)
+    guidance_scale = check_guidance_scale(guidance_scale, batch)
     known = tokens[~slot_mask]
     if known.size and (known.min() < 0 or known.max() >= mask_id):
         raise ValueError(f"known tokens must lie in [0, {mask_id}), got [{known.min()}, {known.max()}]")
@@ -196,7 +205,7 @@ def edit_tokens(
         uniform, gumbel = draw_noise(seed, first_index + rows, steps, num_slots)
         labels = None if class_labels is None else np.asarray(class_labels, dtype=np.int32)[rows]
         out[rows] = unmask(step_fn, out[rows], mask_id, uniform, gumbel, labels, _rows(temperature, rows),
-                           _rows(choice_temperature, rows))
+                           _rows(choice_temperature, rows), _rows(guidance_scale, rows))
     return out
 
 
@@ -250,6 +259,7 @@ class SamplingOptions:
     class_labels: Optional[np.ndarray]  # int32 [n] prior class ids, None for an unconditional prior
     temperature: "float | np.ndarray"  # one, or float64 [n]
     choice_temperature: "float | np.ndarray"
+    guidance_scale: "float | np.ndarray" = 0.0  # one, or float64 [n]; 0 = unguided
 
 
 def check_options(
@@ -259,19 +269,26 @@ def check_options(
     class_labels=None,
     temperature: Optional[PerImage] = None,
     choice_temperature: Optional[PerImage] = None,
+    guidance_scale: Optional[PerImage] = None,
     *,
     num_classes: int = 0,
     class_names: Sequence[str] = (),
     defaults: SamplingDefaults = DEFAULTS,
+    no_guidance: Optional[str] = None,
 ) -> SamplingOptions:
     """Checks the arguments of a call that makes n images (ValueError, one line, naming the argument); None takes
-    the default (`defaults`; a fresh random seed). class_labels as `class_ids` takes them."""
+    the default (`defaults`; a fresh random seed). class_labels as `class_ids` takes them. `no_guidance`: why this
+    model cannot guide (then a guidance_scale other than 0 is refused with that reason), None when it can."""
     steps = defaults.steps if steps is None else steps
     temperature = defaults.temperature if temperature is None else temperature
     choice_temperature = defaults.choice_temperature if choice_temperature is None else choice_temperature
+    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     temperature, choice_temperature = check_temperatures(temperature, choice_temperature, n)
+    guidance_scale = check_guidance_scale(guidance_scale, n)
+    if no_guidance is not None and np.any(guidance_scale):
+        raise ValueError(f"guidance_scale must be 0 here: {no_guidance}")
     return SamplingOptions(check_steps(steps), check_seed(seed), class_ids(class_labels, n, num_classes, class_names),
-                           temperature, choice_temperature)
+                           temperature, choice_temperature, guidance_scale)
 
 
 def check_count(n) -> int:
@@ -299,6 +316,11 @@ def check_temperatures(temperature: PerImage, choice_temperature: PerImage, n: i
     """(temperature, choice_temperature), each a float or float64 [n]: temperature > 0, choice_temperature >= 0."""
     return (_check_per_image("temperature", temperature, n, "> 0"),
             _check_per_image("choice_temperature", choice_temperature, n, ">= 0"))
+
+
+def check_guidance_scale(guidance_scale: PerImage, n: int) -> "float | np.ndarray":
+    """The classifier-free guidance scale w, a float or float64 [n]: finite, >= 0 (0 = unguided)."""
+    return _check_per_image("guidance_scale", guidance_scale, n, ">= 0")
 
 
 def _check_per_image(name: str, value, n: int, low: str) -> "float | np.ndarray":

@@ -60,3 +60,33 @@ def test_runner_step_fn_feeds_the_runner_and_ticks():
     sampled, confidence = step(tokens, None, noise, noise, np.array([1.0, 2.0]), np.array([0.5, 0.0]))
     assert np.array_equal(sampled, tokens) and confidence.dtype == np.float32 and ticks == [1]
     assert runner.feeds[0]["temperature"].tolist() == [1.0, 2.0]
+
+
+def test_guided_prior_graph_io_adds_guidance_scale_and_is_conditional_only():
+    guided = contract.graph_io("prior_guided", 16, (8, 8, 2), conditional=True)
+    plain = contract.graph_io("prior", 16, (8, 8, 2), conditional=True)
+    assert guided.inputs == plain.inputs + (TensorSpec("guidance_scale", "float32", ("batch",)),)
+    assert guided.outputs == plain.outputs
+    assert contract.prior_input_names(conditional=True, guided=True) == guided.input_names
+    with pytest.raises(ValueError, match="class-conditional priors only"):
+        contract.graph_io("prior_guided", 16, (8, 8, 2), conditional=False)
+    tokens, uniform = np.zeros((2, 4), np.int32), np.full((2, 4), 0.5)
+    feeds = contract.prior_step_feeds(tokens, np.array([0, 1]), uniform, uniform, 1.0, 1.0, guidance_scale=[0, 3])
+    assert list(feeds) == guided.input_names and feeds["guidance_scale"].dtype == np.float32
+    assert "guidance_scale" not in contract.prior_step_feeds(tokens, None, uniform, uniform, 1.0, 1.0)
+
+
+def test_runner_step_fn_sends_guided_rows_to_the_guided_runner_and_merges_by_row():
+    plain, guided, ticks = _Runner((), ()), _Runner((), ()), []
+    step = contract.runner_step_fn(plain, after_call=lambda: ticks.append(1), guided_runner=guided)
+    tokens, noise = np.arange(12).reshape(4, 3), np.arange(12, dtype=np.float32).reshape(4, 3)
+    labels = np.array([0, 1, 2, 0])
+    sampled, confidence = step(tokens, labels, noise, noise, 1.0, 0.5, np.array([0.0, 3.0, 0.0, 1.5]))
+    assert np.array_equal(sampled, tokens) and np.array_equal(confidence, noise) and ticks == [1]
+    assert plain.feeds[0]["tokens"].tolist() == tokens[[0, 2]].tolist() and "guidance_scale" not in plain.feeds[0]
+    assert guided.feeds[0]["class_labels"].tolist() == [1, 0]
+    assert guided.feeds[0]["guidance_scale"].tolist() == [3.0, 1.5]
+    step(tokens, labels, noise, noise, 1.0, 0.5, 0.0)  # w = 0 everywhere: the plain runner only
+    assert len(plain.feeds) == 2 and len(guided.feeds) == 1
+    with pytest.raises(ValueError, match="prior_guided"):
+        contract.runner_step_fn(plain)(tokens, labels, noise, noise, 1.0, 0.5, np.array([0.0, 1.0, 0.0, 0.0]))

@@ -4,6 +4,7 @@ import hashlib
 import pytest
 
 from movq_deploy import engine_cache as ec
+from movq_deploy.contract import GRAPH_NAMES
 
 H100 = ec.Platform("10.13.3.9", "NVIDIA H100 80GB HBM3", "9.0")
 PROFILE = ec.BatchProfile(1, 16, 64)
@@ -12,7 +13,7 @@ ONNX_SHA = "a" * 64
 
 @pytest.fixture
 def built(make_engine_dir):
-    def build(tmp_path, platform=H100, precision="fp16", profile=PROFILE, graphs=ec.ENGINE_GRAPHS,
+    def build(tmp_path, platform=H100, precision="fp16", profile=PROFILE, graphs=GRAPH_NAMES,
               onnx_sha=ONNX_SHA):
         """An engine directory whose engines were 'built' (plan files written) under the given key."""
         engine_dir = make_engine_dir(tmp_path)
@@ -46,7 +47,7 @@ def test_entry_holds_everything_the_manifest_contract_names(tmp_path, built):
 def test_fresh_engine_is_not_stale(tmp_path, built):
     manifest = built(tmp_path)
     key = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE)
-    assert all(ec.stale_reason(manifest, "fp16", g, key) is None for g in ec.ENGINE_GRAPHS)
+    assert all(ec.stale_reason(manifest, "fp16", g, key) is None for g in GRAPH_NAMES)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +123,20 @@ def test_engines_status_explains_why_not(tmp_path, built, make_engine_dir):
     partial = built(tmp_path, graphs=("prior",))
     ok, reason = ec.engines_status(partial, H100)
     assert not ok and "no encoder/decoder engine" in reason
+
+
+def test_a_directory_with_the_guided_prior_needs_its_engine_too(tmp_path, built):
+    manifest = built(tmp_path)  # engines for encoder, decoder and prior
+    assert ec.usable_precisions(manifest, H100) == ["fp16"]
+    manifest.graphs = {"fp32": {"prior_guided": {"file": "prior_guided.onnx", "sha256": ONNX_SHA}}}
+    assert manifest.graph_names == ("encoder", "decoder", "prior", "prior_guided")
+    ok, reason = ec.engines_status(manifest, H100)
+    assert not ok and "no prior_guided engine" in reason
+    name = ec.plan_file_name("prior_guided", "fp16")
+    (tmp_path / name).write_bytes(b"plan")
+    key = ec.engine_key(ONNX_SHA, H100, "fp16", PROFILE)
+    manifest.set_engine("fp16", "prior_guided", ec.engine_entry(name, hashlib.sha256(b"plan").hexdigest(), key))
+    assert ec.usable_precisions(manifest, H100) == ["fp16"]
 
 
 @pytest.mark.parametrize("setting, value, words", [

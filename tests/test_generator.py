@@ -312,4 +312,4 @@ def test_with_block_closes_the_runners(tiny_engines):
             runner.close = lambda name=name: closed.append(name)  # records the call (the real close frees memory)
         generator.sample_tokens(n=1, steps=1, seed=0)
         assert closed == []
-    assert sorted(closed) == ["decoder", "encoder", "prior"]
+    assert sorted(closed) == ["decoder", "encoder", "prior", "prior_guided"]

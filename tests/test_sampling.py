@@ -13,13 +13,22 @@ _rng = np.random.default_rng(123)
 TOY_EMBED, TOY_POSITION, TOY_CLASSES = _rng.normal(size=(K + 1, K)), _rng.normal(size=(N, K)), _rng.normal(size=(3, K))
 
 
-def toy_step(tokens, class_labels, uniform, gumbel, temperature, choice_scale):
-    """A StepFn with PriorStepGraph's semantics on a fixed random 'model' whose logits depend on every token."""
+def toy_logits(tokens, class_labels):
+    """A fixed random 'model' whose logits depend on every token (and on the class, None = no class)."""
     embed, position, classes = TOY_EMBED, TOY_POSITION, TOY_CLASSES
     context = embed[tokens].mean(axis=1, keepdims=True)  # (B, 1, K): every slot sees every other slot
     logits = embed[tokens] + position + 2.0 * context
     if class_labels is not None:
         logits = logits + 3.0 * classes[class_labels][:, None]
+    return logits
+
+
+def toy_step(tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale=0.0):
+    """A StepFn with the prior-step graphs' semantics on the toy model (guided rows: cond + w * (cond - uncond))."""
+    logits = toy_logits(tokens, class_labels)
+    if np.any(guidance_scale):
+        guidance = np.broadcast_to(guidance_scale, (len(tokens),))[:, None, None]
+        logits = logits + guidance * (logits - toy_logits(tokens, None))
     logits = logits / temperature[:, None, None]  # per image
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
@@ -158,6 +167,46 @@ def test_class_labels_change_the_output():
     assert not np.array_equal(a, b)
     with pytest.raises(ValueError, match="class_labels"):
         sampling.sample_tokens(toy_step, 4, N, K, class_labels=labels_a[:3])
+
+
+def test_guidance_scale_reaches_the_step_per_row_and_changes_tokens():
+    labels = np.array([0, 1, 2, 0], np.int32)
+    recorder = Recorder()
+    plain = sampling.sample_tokens(toy_step, 4, N, K, steps=4, seed=5, class_labels=labels)
+    zero = sampling.sample_tokens(recorder, 4, N, K, steps=4, seed=5, class_labels=labels, guidance_scale=0.0)
+    np.testing.assert_array_equal(zero, plain)  # w = 0: exactly the unguided tokens
+    mixed = sampling.sample_tokens(toy_step, 4, N, K, steps=4, seed=5, class_labels=labels,
+                                   guidance_scale=[0.0, 3.0, 0.0, 3.0])
+    np.testing.assert_array_equal(mixed[[0, 2]], plain[[0, 2]])
+    assert not np.array_equal(mixed[[1, 3]], plain[[1, 3]])  # guidance changes the guided rows only
+    for row in (1, 3):  # ... and a guided row does not depend on the rows beside it
+        alone = sampling.sample_tokens(toy_step, 1, N, K, steps=4, seed=5, class_labels=labels[row:row + 1],
+                                       guidance_scale=3.0, first_index=row)
+        np.testing.assert_array_equal(alone[0], mixed[row])
+
+
+@pytest.mark.parametrize("value,message", [
+    (-1.0, "guidance_scale must be >= 0"), (float("nan"), "guidance_scale must be a finite number >= 0"),
+    (float("inf"), "guidance_scale must be a finite number"), ("3", "guidance_scale must be a finite number"),
+    (True, "guidance_scale must be a finite number"), ([1.0, 2.0], "guidance_scale must be one number or 3"),
+])
+def test_bad_guidance_scale_is_a_one_line_value_error(value, message):
+    with pytest.raises(ValueError, match=message) as info:
+        sampling.check_options(3, guidance_scale=value, num_classes=2)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sampling.sample_tokens(toy_step, 3, N, K, guidance_scale=value)
+
+
+def test_check_options_guidance_defaults_and_refusal():
+    assert sampling.check_options(2, num_classes=2).guidance_scale == 0.0
+    defaults = sampling.SamplingDefaults(guidance_scale=2.5)
+    assert sampling.check_options(2, num_classes=2, defaults=defaults).guidance_scale == 2.5
+    assert sampling.check_options(2, guidance_scale=[0, 1.5], num_classes=2).guidance_scale.tolist() == [0, 1.5]
+    why = "this model is unconditional"
+    assert sampling.check_options(2, guidance_scale=0, no_guidance=why).guidance_scale == 0.0  # w = 0 always works
+    with pytest.raises(ValueError, match=f"guidance_scale must be 0 here: {why}"):
+        sampling.check_options(2, guidance_scale=[0, 1.0], no_guidance=why)
 
 
 def test_resolve_class_labels():

@@ -27,6 +27,7 @@ import numpy as np
 from movq_deploy import engine_cache
 from movq_deploy.backends import cuda
 from movq_deploy.backends.base import BaseRunner, TensorSpec, optional_import
+from movq_deploy.contract import PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir
 
 # TensorRT DataType member name -> numpy dtype name (the I/O types our graphs use; others are refused).
@@ -260,16 +261,17 @@ class TensorRTRunner(BaseRunner):
 
 
 def open_tensorrt_runners(engine_dir: EngineDir, precision: str = "auto", *, cuda_graphs: bool = True) -> dict:
-    """{"encoder", "decoder", "prior"} -> TensorRTRunner for the engine directory's engines of `precision`.
+    """{graph name: TensorRTRunner} for the engine directory's engines of `precision` (every graph it has:
+    encoder, decoder, prior, and prior_guided when present).
 
     "auto" picks the fastest precision whose engines match this machine (`resolve_precision`). Each engine is
     checked (built from the ONNX graph the manifest lists now, TensorRT version, GPU, sha256) before it is
-    deserialized, and its I/O names against the graph's. CUDA graphs are used for the prior step only.
+    deserialized, and its I/O names against the graph's. CUDA graphs are used for the prior steps only.
     """
     precision = resolve_precision(engine_dir, precision)
     runners = {}
     try:
-        for graph in engine_cache.ENGINE_GRAPHS:
+        for graph in engine_dir.graph_names:
             entry = engine_dir.engine(precision, graph)
             if entry is None:
                 raise FileNotFoundError(f"the manifest has no {precision} TensorRT engine for the {graph} (run "
@@ -277,7 +279,7 @@ def open_tensorrt_runners(engine_dir: EngineDir, precision: str = "auto", *, cud
                                         f"{' --fp16' if precision == 'fp16' else ''}`)")
             engine_cache.check_engine_source(entry, engine_dir.graph(precision, graph))
             runner = runners[graph] = TensorRTRunner(engine_dir.path / entry["file"], entry=entry,
-                                                     cuda_graphs=cuda_graphs and graph == "prior")
+                                                     cuda_graphs=cuda_graphs and graph in PRIOR_GRAPHS)
             _check_io_names(runner, engine_dir.graph(precision, graph), graph)
     except BaseException:
         for runner in runners.values():

@@ -68,6 +68,8 @@ def comparison_input(spec: dict, batch: int, rng, codebook_size: int, num_classe
         value = np.ones(shape)
     elif name == "choice_scale":
         value = np.full(shape, 2.0)
+    elif name == "guidance_scale":  # the guided prior: unguided rows and guided ones
+        value = rng.choice([0.0, 1.0, 3.0], shape)
     else:
         raise ValueError(f"no comparison input for graph input {name!r}")
     return value.astype(spec["dtype"])

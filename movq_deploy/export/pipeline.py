@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 
 from movq_deploy import manifest as mf
+from movq_deploy.contract import PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir, Grid
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
@@ -22,7 +23,7 @@ from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import TOLERANCE, VALIDATION_BATCHES, compare_graphs, format_table, summary, validate_fp32
 from movq_deploy.models.checkpoint import load_models
-from movq_deploy.sampling import SamplingDefaults
+from movq_deploy.sampling import SamplingDefaults, check_guidance_scale
 
 EXPORTER = "dynamo"  # recorded in each graph's manifest entry
 
@@ -47,7 +48,7 @@ def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.M
     dynamically, the encoder and decoder statically, calibrated on `images` and compared on their held-out part."""
     fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
     with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
-        if spec.name != "prior":
+        if spec.name not in PRIOR_GRAPHS:
             figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
             return onnx.load(str(path)), figures
         fusions = quantize_int8(spec, fp32_path, path, Path(scratch))
@@ -55,11 +56,12 @@ def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.M
     return onnx.load(str(path)), {**agreement, "fusions": fusions}
 
 
-# precision -> (writer, the graphs it makes, the file name's infix, what its figures compare with)
+# precision -> (writer, the file name's infix, what its figures compare with); each precision makes every graph of
+# `graph_specs` (prior_guided too, for a class-conditional prior)
 PRECISIONS = {
-    "fp32": (_fp32_graph, ("encoder", "decoder", "prior"), "", f"({EXPORTER}, opset {OPSET}) validated"),
-    "fp16": (_fp16_graph, ("encoder", "decoder", "prior"), ".fp16", "vs fp32"),
-    "int8": (_int8_graph, ("encoder", "decoder", "prior"), ".int8", "vs fp32"),  # ONNX Runtime CPU graphs only
+    "fp32": (_fp32_graph, "", f"({EXPORTER}, opset {OPSET}) validated"),
+    "fp16": (_fp16_graph, ".fp16", "vs fp32"),
+    "int8": (_int8_graph, ".int8", "vs fp32"),  # ONNX Runtime CPU graphs only
 }
 
 
@@ -70,8 +72,8 @@ def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[st
     graphs: dict = {}
     validation: dict = {}
     for precision in precisions:
-        writer, names, infix, compared = PRECISIONS[precision]
-        for name in names:
+        writer, infix, compared = PRECISIONS[precision]
+        for name in specs:
             tick = time.perf_counter()
             model, figures = writer(specs[name], work, images) if precision == "int8" else writer(specs[name], work)
             validation.setdefault(precision, {})[name] = figures
@@ -117,17 +119,23 @@ def export_engine_dir(
     int8: bool = False,
     log: Callable[[str], None] = print,
     calibration_data: "str | os.PathLike[str] | None" = None,
+    guidance_scale: float = 0.0,
 ) -> EngineDir:
     """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written.
 
     `steps` is the sampling default recorded in the manifest; None follows the paper (`paper_steps`). int8: the
     dynamic int8 prior and the static int8 encoder and decoder, calibrated on `calibration_data` (an image folder;
-    default: the data the tokenizer was trained on, else scikit-image's photographs)."""
+    default: the data the tokenizer was trained on, else scikit-image's photographs). `guidance_scale` is the
+    classifier-free guidance default recorded in the manifest (class-conditional priors only; 0 = unguided)."""
     if steps is not None and steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    guidance_scale = check_guidance_scale(guidance_scale, 1)
     out, ckpt_path = Path(out), Path(ckpt_path)
     _check_out(out)
     movq, prior, ckpt = load_exportable(ckpt_path)
+    if guidance_scale and not prior.config.conditional:
+        raise ValueError(f"--guidance-scale {guidance_scale:g} needs a class-conditional prior; {ckpt_path.name}'s "
+                         f"is unconditional (leave the default 0)")
     steps = steps if steps is not None else paper_steps(prior.config.conditional)
     started = time.perf_counter()
     specs = graph_specs(movq, prior)
@@ -137,7 +145,8 @@ def export_engine_dir(
         images = load_image_sets(movq.config.image_size, ImageQuantConfig.calibration_images, calibration_data,
                                  ckpt.get("record")) if int8 else None
         graphs, validation = write_graphs(specs, work, precisions, log, images)
-        engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, steps, graphs, validation,
+        defaults = SamplingDefaults(steps=steps, guidance_scale=guidance_scale)
+        engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, defaults, graphs, validation,
                                       seconds=time.perf_counter() - started)
         engine_dir.engines = carry_over_engines(out, work, graphs)
         if engine_dir.engines:
@@ -153,15 +162,15 @@ def export_engine_dir(
     return engine_dir.moved_to(out)
 
 
-def build_engine_dir(path: Path, movq, prior, ckpt: dict, ckpt_path: Path, steps: int, graphs: dict,
-                     validation: dict, seconds: float) -> EngineDir:
+def build_engine_dir(path: Path, movq, prior, ckpt: dict, ckpt_path: Path, sampling: SamplingDefaults,
+                     graphs: dict, validation: dict, seconds: float) -> EngineDir:
     """The engine directory's manifest, at `path`: the model, its grid, the sampling defaults, the graphs, the
     validation figures and where it came from."""
     return EngineDir(
         path=path, model={"tokenizer": movq.config.to_dict(), "prior": prior.config.to_dict()},
         grid=Grid(*movq.config.grid), codebook_size=movq.config.codebook_size, image_size=movq.config.image_size,
         num_classes=prior.config.num_classes, class_names=list(ckpt.get("class_names", [])),
-        sampling=SamplingDefaults(steps=steps), graphs=graphs,
+        sampling=sampling, graphs=graphs,
         validation={"batch_sizes": list(VALIDATION_BATCHES), "tolerance": dict(TOLERANCE), **validation},
         export={"checkpoint": ckpt_path.name, "checkpoint_sha256": mf.sha256_file(ckpt_path),
                 "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 
+from movq_deploy.contract import PRIOR_GRAPHS
 from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops
 from movq_deploy.export.specs import ExportError, GraphSpec, io_shapes
 
@@ -50,10 +51,11 @@ def fourier_phase(model: onnx.ModelProto) -> "list[str]":
 
 def fp16_tail(name: str, model: onnx.ModelProto) -> "list[str]":
     """The nodes an fp16 graph keeps in fp32 by name: the prior's sampling head (everything from logits /
-    temperature on: softmax, CumSum, the counts, log-probabilities, confidence), the encoder's nearest-code search
-    and the decoder's clamp/scale/round (both: everything after the last Conv)."""
-    if name == "prior":
-        return _downstream_nodes(model, {"temperature"})
+    temperature on: softmax, CumSum, the counts, log-probabilities, confidence; in the guided prior also the guidance
+    mix, from guidance_scale on), the encoder's nearest-code search and the decoder's clamp/scale/round (both:
+    everything after the last Conv)."""
+    if name in PRIOR_GRAPHS:
+        return _downstream_nodes(model, {"temperature", "guidance_scale"})
     last_conv = [node for node in model.graph.node if node.op_type == "Conv"][-1]
     return _downstream_nodes(model, set(last_conv.output))
 
@@ -147,7 +149,7 @@ def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = spec.module.step.prior.config
-    fused_path, prepared_path = scratch / "prior.fused.onnx", scratch / "prior.prepared.onnx"
+    fused_path, prepared_path = scratch / f"{spec.name}.fused.onnx", scratch / f"{spec.name}.prepared.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = optimize_model(str(fp32_path), model_type="bert", num_heads=config.heads, hidden_size=config.width,
@@ -159,6 +161,6 @@ def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -
     model = onnx.load(str(path))
     bad = forbidden_ops(model)
     if bad:
-        raise ExportError(f"prior.int8.onnx holds ops TensorRT cannot run: {', '.join(bad)}")
+        raise ExportError(f"{path.name} holds ops TensorRT cannot run: {', '.join(bad)}")
     onnx.checker.check_model(model)
     return fusions

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from movq_deploy import contract
 from movq_deploy.export.ties import encoder_ties, prior_ties
-from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
+from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, GuidedPriorStepGraph, PriorStepGraph
 
 EXAMPLE_BATCH = 2  # torch.export specializes dimensions of size 0 and 1: trace with 2
 
@@ -60,8 +60,20 @@ class _UnconditionalPriorStep(nn.Module):
         return self.step(tokens, None, uniform, gumbel, temperature, choice_scale)
 
 
+class _GuidedPriorStep(nn.Module):
+    """GuidedPriorStepGraph (class-conditional priors), arguments in ONNX input order."""
+
+    def __init__(self, step: GuidedPriorStepGraph):
+        super().__init__()
+        self.step = step
+
+    def forward(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale):
+        return self.step(tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale)
+
+
 def graph_specs(movq, prior) -> "dict[str, GraphSpec]":
-    """The three graphs of an engine directory, with fixed-seed input makers for export and validation."""
+    """The graphs of an engine directory (encoder, decoder, prior, and prior_guided for a class-conditional
+    prior), with fixed-seed input makers for export and validation."""
     size, grid, num_codes = movq.config.image_size, movq.config.grid, movq.config.codebook_size
     step = PriorStepGraph(prior).eval()
     pconfig = prior.config
@@ -86,10 +98,20 @@ def graph_specs(movq, prior) -> "dict[str, GraphSpec]":
         uniform, gumbel = rng.random((batch, n), dtype=np.float32), rng.gumbel(size=(batch, n))
         return contract.prior_step_feeds(tokens, labels, uniform, gumbel, temperature=1.0, choice_scale=2.0)
 
+    def guided_inputs(batch, rng):
+        feeds = prior_inputs(batch, rng)
+        guidance = rng.uniform(0.5, 4.0, batch)
+        guidance[1::3] = 0.0  # unguided rows too (from batch 2 on)
+        return {**feeds, "guidance_scale": guidance.astype(np.float32)}
+
     prior_module = _PriorStep(step) if pconfig.conditional else _UnconditionalPriorStep(step)
     modules = {"encoder": EncoderGraph(movq).eval(), "decoder": DecoderGraph(movq).eval(), "prior": prior_module}
     makers = {"encoder": (images, encoder_ties(movq)), "decoder": (indices, None),
               "prior": (prior_inputs, prior_ties(step))}
+    if pconfig.conditional:
+        guided = GuidedPriorStepGraph(prior).eval()
+        modules[contract.GUIDED_PRIOR] = _GuidedPriorStep(guided)
+        makers[contract.GUIDED_PRIOR] = (guided_inputs, prior_ties(guided))
     specs = {}
     for name, module in modules.items():
         io = contract.graph_io(name, size, grid, pconfig.conditional)

@@ -1,6 +1,6 @@
 """TensorRT engines from an engine directory's ONNX graphs: built, checked against ONNX Runtime, recorded.
 
-Each graph (encoder, decoder, prior) of the chosen precision (the fp16 ONNX graphs for fp16, fp32 otherwise) is
+Each graph (encoder, decoder, prior, and prior_guided when the directory has it) of the chosen precision (the fp16 ONNX graphs for fp16, fp32 otherwise) is
 linted against TensorRT's ONNX parser rules, then parsed into a strongly typed network: precision comes from the
 ONNX graph itself, which is the only mode TensorRT 11 has (no FP16/INT8 builder flags). One optimization profile
 per engine, tuned for that graph's own opt batch (how the Generator calls it); fp32 math may use TF32. A timing
@@ -23,13 +23,15 @@ from typing import Callable, Dict, Optional
 
 from movq_deploy import engine_cache
 from movq_deploy.backends.tensorrt import current_platform, import_tensorrt, trt_logger
+from movq_deploy.contract import GUIDED_PRIOR
 from movq_deploy.export import engine_check, tensorrt_lint
 from movq_deploy.files import atomic_path, atomic_write_bytes
 from movq_deploy.generator import DEFAULT_IMAGE_BATCH, DEFAULT_PRIOR_BATCH
 from movq_deploy.manifest import EngineDir
 
 # The batch each graph's kernels are tuned for unless --opt-batch says otherwise: the Generator's own call sizes.
-DEFAULT_OPT_BATCH = {"encoder": DEFAULT_IMAGE_BATCH, "decoder": DEFAULT_IMAGE_BATCH, "prior": DEFAULT_PRIOR_BATCH}
+DEFAULT_OPT_BATCH = {"encoder": DEFAULT_IMAGE_BATCH, "decoder": DEFAULT_IMAGE_BATCH, "prior": DEFAULT_PRIOR_BATCH,
+                     GUIDED_PRIOR: DEFAULT_PRIOR_BATCH}
 CHECK_BATCH = 8  # the comparison runs at the profile's min batch and at min(max, CHECK_BATCH)
 
 
@@ -61,20 +63,20 @@ def build_engines(engine_dir: "str | Path", options: BuildOptions, log: Callable
     rewritten after each engine, so an interrupted run keeps the engines it finished; an engine that fails its
     comparison is not written (EngineMismatch).
     """
-    for graph in engine_cache.ENGINE_GRAPHS:
+    for graph in DEFAULT_OPT_BATCH:
         options.profile(graph)  # a bad batch range fails here, before TensorRT or the GPU are looked for
     platform = current_platform()  # a one-line ImportError / RuntimeError when TensorRT or the GPU is missing
     trt = import_tensorrt()
     engine_dir = EngineDir.load(engine_dir)
     graphs = engine_dir.graphs.get(options.precision) or {}
-    missing = [graph for graph in engine_cache.ENGINE_GRAPHS if graph not in graphs]
+    missing = [graph for graph in engine_dir.graph_names if graph not in graphs]
     if missing:
         raise ValueError(f"{engine_dir.manifest_path} has no {options.precision} {'/'.join(missing)} graph "
                          f"(export it with export/to_onnx.py{' --fp16' if options.precision == 'fp16' else ''})")
     cache_path = options.timing_cache or engine_dir.path / engine_cache.TIMING_CACHE_NAME
     log(f"{platform.describe()}; {options.precision}, batch {options.min_batch}..{options.max_batch}")
     results = {}
-    for graph in engine_cache.ENGINE_GRAPHS:
+    for graph in engine_dir.graph_names:
         onnx_path = engine_dir.verify(graphs[graph])  # the ONNX on disk is the one the manifest describes
         profile = options.profile(graph)
         key = engine_cache.engine_key(graphs[graph]["sha256"], platform, options.precision, profile, options.tf32,

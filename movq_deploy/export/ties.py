@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from movq_deploy.models.graphs import PriorStepGraph
+from movq_deploy.models.graphs import PriorStepGraph  # or GuidedPriorStepGraph
 
 # Two codebook distances closer than this (relative to their size) are a tie: argmin may pick either.
 TIE_RTOL = 1e-5
@@ -35,9 +35,10 @@ def prior_ties(step: PriorStepGraph):
 
     def count(feeds, ref, cand, off) -> int:
         labels = torch.from_numpy(feeds["class_labels"]) if "class_labels" in feeds else None
+        guidance = (torch.from_numpy(feeds["guidance_scale"]),) if "guidance_scale" in feeds else ()
         with torch.no_grad():
             temperature = torch.from_numpy(feeds["temperature"]).double()[:, None, None]  # per image
-            logits = step.prior(torch.from_numpy(feeds["tokens"]), labels).double() / temperature
+            logits = step.logits(torch.from_numpy(feeds["tokens"]), labels, *guidance).double() / temperature
         cdf = logits.softmax(-1).cumsum(-1).numpy()  # (B, N, K)
         threshold = feeds["uniform"].astype(np.float64) * cdf[..., -1]  # (B, N)
         ties = 0

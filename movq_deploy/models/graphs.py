@@ -3,6 +3,8 @@
 - EncoderGraph: image uint8 [B,H,W,3] -> indices int32 [B,h,w,c]
 - DecoderGraph: indices int32 [B,h,w,c] -> image uint8 [B,H,W,3]
 - PriorStepGraph: one MaskGIT step; the logits [B,N,K] stay inside, only O(B*N) tensors cross the boundary.
+- GuidedPriorStepGraph: the same step with classifier-free guidance (class-conditional priors): the conditional
+  and null-class rows in one batched prior call inside, logits = cond + w * (cond - uncond), the same tail.
 
 Their input and output names and types are movq_deploy.contract's.
 
@@ -104,6 +106,10 @@ class PriorStepGraph(nn.Module):
     def input_names(self) -> "list[str]":
         return prior_input_names(self.prior.config.conditional)
 
+    def logits(self, tokens: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The prior's logits (B, N, K), in fp32 even when the rest of the graph is converted to fp16."""
+        return self.prior(tokens, class_labels).float()
+
     def forward(
         self,
         tokens: torch.Tensor,  # int32 [B, N]
@@ -113,9 +119,12 @@ class PriorStepGraph(nn.Module):
         temperature: torch.Tensor,  # f32 [B]
         choice_scale: torch.Tensor,  # f32 [B]
     ) -> "tuple[torch.Tensor, torch.Tensor]":
+        return self.draw(self.logits(tokens, class_labels), tokens, uniform, gumbel, temperature, choice_scale)
+
+    def draw(self, logits, tokens, uniform, gumbel, temperature, choice_scale) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The sampling tail every prior-step graph shares: logits (B, N, K) -> (sampled, confidence)."""
         num_codes = self.prior.config.codebook_size
-        # The softmax statistics in fp32 even when the rest of the graph is converted to fp16.
-        logits = self.prior(tokens, class_labels).float() / temperature[:, None, None]  # (B, N, K)
+        logits = logits / temperature[:, None, None]  # (B, N, K); the softmax statistics in fp32
         log_probs = logits.log_softmax(dim=-1)  # (B, N, K)
         drawn = inverse_cdf_draw(log_probs.exp(), uniform)  # (B, N)
         log_prob = log_probs.gather(-1, drawn[..., None])[..., 0]  # (B, N)
@@ -124,3 +133,32 @@ class PriorStepGraph(nn.Module):
         sampled = torch.where(known, tokens, drawn.to(torch.int32))
         confidence = torch.where(known, torch.full_like(confidence, float("inf")), confidence)
         return sampled, confidence
+
+
+class GuidedPriorStepGraph(PriorStepGraph):
+    """PriorStepGraph with classifier-free guidance, for class-conditional priors (trained with a null class).
+
+    The prior runs once on 2B rows (the tokens twice: with class_labels, then with the null class id num_classes);
+    logits = cond + guidance_scale * (cond - uncond) (MUSE's form; w = 0 is the conditional prior), then the same
+    tail as PriorStepGraph. Only O(B*N) tensors cross the boundary, as in the plain step.
+    """
+
+    def __init__(self, prior: MaskGITPrior):
+        if not prior.config.conditional:
+            raise ValueError("classifier-free guidance needs a class-conditional prior (num_classes > 0)")
+        super().__init__(prior)
+
+    @property
+    def input_names(self) -> "list[str]":
+        return prior_input_names(conditional=True, guided=True)
+
+    def logits(self, tokens, class_labels, guidance_scale=None) -> torch.Tensor:
+        null = torch.full_like(class_labels, self.prior.config.num_classes)  # (B,)
+        both = self.prior(torch.cat([tokens, tokens]), torch.cat([class_labels, null])).float()  # (2B, N, K)
+        cond, uncond = both.unflatten(0, (2, tokens.shape[0])).unbind(0)  # (B, N, K) each
+        return cond + guidance_scale[:, None, None] * (cond - uncond)
+
+    def forward(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale):
+        # tokens int32 [B,N], class_labels int32 [B], uniform / gumbel f32 [B,N], the three scales f32 [B]
+        logits = self.logits(tokens, class_labels, guidance_scale)
+        return self.draw(logits, tokens, uniform, gumbel, temperature, choice_scale)

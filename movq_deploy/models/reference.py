@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from movq_deploy import contract, sampling
-from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
+from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, GuidedPriorStepGraph, PriorStepGraph
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior
 from movq_deploy.sampling import DEFAULTS
@@ -42,10 +42,12 @@ class TorchRunner:
         return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs)}
 
 
-def prior_step_runner(step: torch.nn.Module, device="cpu", autocast_fp16: bool = False) -> TorchRunner:
-    """PriorStepGraph (or its torch.compile'd module) behind `run(feeds)`, fed by movq_deploy.contract's names."""
-    return TorchRunner(step, contract.prior_input_names(conditional=True), contract.PRIOR_OUTPUTS, device,
-                       autocast_fp16)
+def prior_step_runner(step: torch.nn.Module, device="cpu", autocast_fp16: bool = False,
+                      guided: bool = False) -> TorchRunner:
+    """PriorStepGraph (or its torch.compile'd module; GuidedPriorStepGraph with guided=True) behind `run(feeds)`,
+    fed by movq_deploy.contract's names."""
+    return TorchRunner(step, contract.prior_input_names(conditional=True, guided=guided), contract.PRIOR_OUTPUTS,
+                       device, autocast_fp16)
 
 
 class ReferenceSampler:
@@ -60,9 +62,14 @@ class ReferenceSampler:
         self.encoder = EncoderGraph(self.movq).eval()
         self.decoder = DecoderGraph(self.movq).eval()
         self.prior_step = PriorStepGraph(self.prior).eval() if prior is not None else None
+        conditional = prior is not None and prior.config.conditional
+        self.guided_step = GuidedPriorStepGraph(self.prior).eval() if conditional else None
         self.device = next(movq.parameters()).device
-        self._step_fn = (contract.runner_step_fn(prior_step_runner(self.prior_step, self.device))
-                         if prior is not None else None)
+        self._step_fn = None
+        if prior is not None:
+            guided = None if self.guided_step is None else prior_step_runner(self.guided_step, self.device, guided=True)
+            self._step_fn = contract.runner_step_fn(prior_step_runner(self.prior_step, self.device),
+                                                    guided_runner=guided)
 
     @property
     def grid(self) -> "tuple[int, int, int]":
@@ -77,11 +84,14 @@ class ReferenceSampler:
         return self.prior.config.num_classes if self.prior is not None else 0
 
     # ---- graphs, numpy in / numpy out ----------------------------------------------------------------------------
-    def step_fn(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale):
-        """A movq_deploy.sampling.StepFn running PriorStepGraph in torch."""
+    def step_fn(self, tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale=0.0):
+        """A movq_deploy.sampling.StepFn running PriorStepGraph (GuidedPriorStepGraph for rows with guidance) in
+        torch."""
         if self._step_fn is None:
             raise ValueError("this ReferenceSampler has no prior; it can only encode and decode")
-        return self._step_fn(tokens, class_labels, uniform, gumbel, temperature, choice_scale)
+        if np.any(guidance_scale) and self.guided_step is None:
+            raise ValueError("guidance_scale must be 0: classifier-free guidance needs a class-conditional prior")
+        return self._step_fn(tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -106,31 +116,35 @@ class ReferenceSampler:
     # ---- sampling and editing ------------------------------------------------------------------------------------
     def sample_tokens(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
                       temperature: float = DEFAULTS.temperature,
-                      choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
+                      choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+                      guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """int32 [n, N]: n token grids sampled from scratch; image i uses noise stream (seed, i)."""
         h, w, c = self.grid
         labels = sampling.resolve_class_labels(class_labels, n, self.num_classes)
         return sampling.sample_tokens(self.step_fn, n, h * w * c, self.mask_id, steps, seed, labels, temperature,
-                                      choice_temperature, batch_size)
+                                      choice_temperature, batch_size, guidance_scale=guidance_scale)
 
     def sample(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
                temperature: float = DEFAULTS.temperature, choice_temperature: float = DEFAULTS.choice_temperature,
-               batch_size: int = 64) -> np.ndarray:
+               batch_size: int = 64, guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """uint8 [n, H, W, 3]."""
-        tokens = self.sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, batch_size)
+        tokens = self.sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, batch_size,
+                                    guidance_scale)
         return self.decode(tokens, batch_size)
 
     def edit_tokens(self, tokens: np.ndarray, slot_mask: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
                     class_labels=None, temperature: float = DEFAULTS.temperature,
-                    choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
+                    choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+                    guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """Regenerates the masked slots of tokens int [B,N] (slot_mask bool [B,N]); int32 [B,N]."""
         labels = sampling.resolve_class_labels(class_labels, len(tokens), self.num_classes)
         return sampling.edit_tokens(self.step_fn, tokens, slot_mask, self.mask_id, steps, seed, labels, temperature,
-                                    choice_temperature, batch_size)
+                                    choice_temperature, batch_size, guidance_scale=guidance_scale)
 
     def edit(self, images: np.ndarray, masks: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
              class_labels=None, temperature: float = DEFAULTS.temperature,
-             choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64) -> np.ndarray:
+             choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+             guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """Inpaints uint8 images [B,H,W,3] where the bool pixel masks [B,H,W] are True; uint8 [B,H,W,3].
 
         Every latent position whose cell holds a masked pixel is regenerated (all c slots); the others keep the
@@ -142,5 +156,5 @@ class ReferenceSampler:
         tokens = self.encode(images, batch_size).reshape(len(images), -1)
         slot_mask = sampling.slot_mask_from_pixels(masks, self.grid)
         edited = self.edit_tokens(tokens, slot_mask, steps, seed, class_labels, temperature, choice_temperature,
-                                  batch_size)
+                                  batch_size, guidance_scale)
         return self.decode(edited, batch_size)

@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI) over an ImageService: JSON and multipart in, PNG out; no pickles, no file paths.
 
-    POST /v1/sample   JSON {n, seed, class_labels, steps, temperature, choice_temperature, format: "json" | "png"}
+    POST /v1/sample   JSON {n, seed, class_labels, steps, temperature, choice_temperature, guidance_scale,
+                            format: "json" | "png"}
     POST /v1/edit     multipart: image, mask (files) + the same fields as form fields, plus paste_original, feather
     GET  /v1/info     model, grid, classes, backend, precision, batching
     GET  /healthz
@@ -43,6 +44,7 @@ class SampleBody(BaseModel):
     steps: Optional[StrictInt] = None
     temperature: Union[Number, List[Number], None] = None  # one, or one per image; None: the engine dir's default
     choice_temperature: Union[Number, List[Number], None] = None
+    guidance_scale: Union[Number, List[Number], None] = None  # classifier-free guidance w >= 0 (conditional models)
     format: Literal["json", "png"] = "json"
 
 
@@ -66,7 +68,7 @@ def build_api(service: ImageService) -> FastAPI:
     async def sample(body: SampleBody):
         _check_png_request(body.format, body.n)
         images, seed = await service.sample(body.n, body.seed, body.class_labels, body.steps, body.temperature,
-                                            body.choice_temperature)
+                                            body.choice_temperature, body.guidance_scale)
         return await _respond(images, seed, body.format)
 
     @app.post("/v1/edit")
@@ -79,6 +81,7 @@ def build_api(service: ImageService) -> FastAPI:
         steps: Optional[int] = Form(None),
         temperature: Optional[float] = Form(None),
         choice_temperature: Optional[float] = Form(None),
+        guidance_scale: Optional[float] = Form(None),
         paste_original: bool = Form(False),
         feather: int = Form(2),
         format: Literal["json", "png"] = Form("json"),
@@ -92,7 +95,7 @@ def build_api(service: ImageService) -> FastAPI:
         # n fills of one image: fill i uses noise stream (seed, i), as `movq-deploy edit -n` does.
         images, seed = await service.edit(np.repeat(pixels[None], n, axis=0), np.repeat(pixel_mask[None], n, axis=0),
                                           seed, label, steps, temperature, choice_temperature, paste_original,
-                                          feather)
+                                          feather, guidance_scale)
         return await _respond(images, seed, format)
 
     if service.config.page:

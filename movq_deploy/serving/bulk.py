@@ -49,6 +49,7 @@ class BulkConfig:
     backend: str = "auto"
     precision: str = "auto"
     batch_size: Optional[int] = None  # most images per engine call (the Generator's default when None)
+    guidance_scale: Optional[float] = None  # classifier-free guidance w; None: the engine directory's default
 
     def __post_init__(self):
         for name in ("num_images", "shard_size"):
@@ -72,6 +73,8 @@ class BulkConfig:
         params["class_labels"] = None if self.class_labels is None else list(self.class_labels)
         for moved in ("engine_dir", "out", "backend", "precision", "batch_size"):  # the images do not depend on them
             params.pop(moved)
+        if params["guidance_scale"] is None:  # the default: the same parameters as a run started before guidance
+            params.pop("guidance_scale")
         return params
 
 
@@ -117,11 +120,11 @@ def write_shard(generator, config: BulkConfig, shard: int) -> int:
         count = min(generator.batch_size, stop - first)
         labels = None if config.class_labels is None else [config.image_label(i) for i in range(first, first + count)]
         options = generator.sampling_options(count, config.steps, config.seed, labels, config.temperature,
-                                             config.choice_temperature)  # None: the engine directory's defaults
+                                             config.choice_temperature, config.guidance_scale)  # None: the defaults
         tokens = sampling.sample_tokens(step_fn, count, generator.num_slots, generator.mask_id, options.steps,
                                         options.seed, options.class_labels, options.temperature,
                                         options.choice_temperature, max_batch=generator.batch_size,
-                                        first_index=first)
+                                        first_index=first, guidance_scale=options.guidance_scale)
         for offset, pixels in enumerate(generator.decode(tokens, output_type="np")):
             Image.fromarray(pixels).save(partial / image_file(first + offset), format="PNG")
     os.replace(partial, shard_dir(out, shard))

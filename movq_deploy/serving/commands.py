@@ -43,6 +43,8 @@ def add_serving_commands(command: AddCommand) -> None:
     sub.add_argument("--steps", type=int, default=None)
     sub.add_argument("--temperature", type=float, default=None, help="default: the engine directory's")
     sub.add_argument("--choice-temperature", type=float, default=None, help="default: the engine directory's")
+    sub.add_argument("--guidance-scale", type=float, default=None,
+                     help="classifier-free guidance w (class-conditional models); default: the engine directory's")
     sub.add_argument("--shard-size", type=int, default=1000, help="images per shard folder (default 1000)")
     sub.add_argument("--workers", type=int, default=None, help="Generators (default: one per GPU, else per CPU)")
     sub.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -75,7 +77,8 @@ def generate(args: argparse.Namespace) -> int:
     if args.class_labels is not None:
         labels = [int(label) if label.lstrip("-").isdigit() else label for label in args.class_labels]
     config = BulkConfig(args.engine_dir, args.out, args.num_images, args.seed, labels, args.steps, args.temperature,
-                        args.choice_temperature, args.shard_size, args.backend, args.precision, args.batch_size)
+                        args.choice_temperature, args.shard_size, args.backend, args.precision, args.batch_size,
+                        args.guidance_scale)
     _check_engine_dir(args.engine_dir)
     with _progress_bar(config.num_shards) as progress:
         index = run(config, workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.address,

@@ -6,7 +6,8 @@ engine loop (a thread) repeats:
 
 1. admit waiting images (first in, first out) into the free slots, at the step boundary;
 2. advance every active image by one step in one prior call (the graph takes a temperature and a confidence-noise
-   scale per row);
+   scale per row; rows with a guidance scale w != 0 go to the guided prior graph in the same step, so a step is at
+   most two calls);
 3. decode the images that finished their T steps, in batches.
 
 Requests come in from any thread or from asyncio (`Job.wait`), and get a concurrent.futures.Future. Waiting images are
@@ -26,7 +27,7 @@ from typing import Deque, Dict, List, Optional
 
 import numpy as np
 
-from movq_deploy import contract, sampling
+from movq_deploy import sampling
 from movq_deploy.generator import Generator
 from movq_deploy.images import paste_outside_mask, to_bool_masks, to_uint8_images
 from movq_deploy.serving.steps import of_image
@@ -102,6 +103,7 @@ class _Image:
     gumbel: np.ndarray  # f32 [T, N]
     temperature: float  # of the token draw
     choice_temperature: float  # of the confidence noise
+    guidance_scale: float  # classifier-free guidance w; 0 = unguided
     label: Optional[int]  # prior class id, None for an unconditional prior
     step: int = 0
     finished_at: int = 0  # the prior call count when it finished (for the decode wait)
@@ -113,7 +115,7 @@ class Scheduler:
     def __init__(self, generator: Generator, config: SchedulerConfig = SchedulerConfig()):
         self.generator = generator
         self.config = config
-        self._prior_step = contract.runner_step_fn(generator.backend.runners["prior"])
+        self._prior_step = generator.prior_step_fn()
         self._waiting: Deque[_Request] = collections.deque()
         self._queued_images = 0  # images of waiting requests not admitted yet
         self._active: List[_Image] = []
@@ -126,15 +128,16 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------------- requests
     def submit_sample(self, n: int = 1, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
-                      temperature=None, choice_temperature=None) -> Job:
+                      temperature=None, choice_temperature=None, guidance_scale=None) -> Job:
         """Queues n new images; image i equals `Generator.sample(n, seed=seed, ...)[i]` (same steps, labels...)."""
         n = self._check_count(n)
         slot_mask = np.ones((n, self.generator.num_slots), dtype=bool)
-        return self._submit("sample", n, steps, seed, class_labels, temperature, choice_temperature, slot_mask)
+        return self._submit("sample", n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale,
+                            slot_mask)
 
     def submit_edit(self, images, masks, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
                     temperature=None, choice_temperature=None, paste_original: bool = False,
-                    feather: int = 2) -> Job:
+                    feather: int = 2, guidance_scale=None) -> Job:
         """Queues an edit; the result equals `Generator.edit(images, masks, seed=seed, ...)` with the same arguments."""
         size = self.generator.image_size
         pixels = to_uint8_images(images, size)
@@ -143,14 +146,15 @@ class Scheduler:
         if not (isinstance(feather, int) and not isinstance(feather, bool) and feather >= 0):
             raise ValueError(f"feather must be a non-negative int (pixels), got {feather!r}")
         slot_mask = sampling.slot_mask_from_pixels(pixel_masks, self.generator.grid)
-        return self._submit("edit", n, steps, seed, class_labels, temperature, choice_temperature, slot_mask,
-                            pixels=pixels, pixel_masks=pixel_masks, paste_original=bool(paste_original),
+        return self._submit("edit", n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale,
+                            slot_mask, pixels=pixels, pixel_masks=pixel_masks, paste_original=bool(paste_original),
                             feather=feather)
 
-    def _submit(self, kind, n, steps, seed, class_labels, temperature, choice_temperature, slot_mask,
+    def _submit(self, kind, n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale, slot_mask,
                 **edit) -> Job:
         # None takes the engine directory's defaults, and a fresh seed (returned in the Job).
-        options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature)
+        options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature,
+                                                  guidance_scale)
         request = _Request(Job(kind, n, options.seed), options, slot_mask, remaining=n, **edit)
         with self._wake:
             if self._stopping:
@@ -259,7 +263,7 @@ class Scheduler:
             label = None if options.class_labels is None else int(options.class_labels[position])
             image = _Image(request, position, tokens.copy(), counts, uniform[0], gumbel[0],
                            of_image(options.temperature, position), of_image(options.choice_temperature, position),
-                           label)
+                           of_image(options.guidance_scale, position), label)
             if request.slot_mask[position].any():
                 self._active.append(image)
             else:  # nothing to generate: the reconstruction, as Generator.edit gives it
@@ -293,6 +297,7 @@ class Scheduler:
             np.array([image.temperature for image in images]),  # (B,)
             np.array([sampling.choice_scale(image.step, len(image.counts), image.choice_temperature)
                       for image in images]),  # (B,): each image at its own step of its own schedule
+            np.array([image.guidance_scale for image in images]),  # (B,): 0 -> prior, else prior_guided
         )
         counts = np.array([image.counts[image.step] for image in images])  # (B,)
         remask = sampling.select_remask(confidence, counts)

@@ -94,6 +94,7 @@ class ImageService:
             "num_classes": generator.num_classes,
             "class_names": generator.class_names,
             "default_steps": generator.default_steps,
+            "guidance": generator.no_guidance is None,  # whether guidance_scale may be other than 0
             "backend": generator.backend_name,
             "precision": generator.precision,
             "batching": self.config.batching,
@@ -109,12 +110,13 @@ class ImageService:
         return self.scheduler is None or self.scheduler.alive
 
     async def sample(self, n: int = 1, seed: Optional[int] = None, class_labels=None, steps: Optional[int] = None,
-                     temperature=None, choice_temperature=None) -> Tuple[np.ndarray, int]:
+                     temperature=None, choice_temperature=None, guidance_scale=None) -> Tuple[np.ndarray, int]:
         self._check_steps(steps)
         if self.scheduler is not None:
-            job = self.scheduler.submit_sample(n, steps, seed, class_labels, temperature, choice_temperature)
+            job = self.scheduler.submit_sample(n, steps, seed, class_labels, temperature, choice_temperature,
+                                               guidance_scale)
             return await self._bounded(job.wait()), job.seed
-        args = self._sample_args(n, seed, class_labels, steps, temperature, choice_temperature)
+        args = self._sample_args(n, seed, class_labels, steps, temperature, choice_temperature, guidance_scale)
         with self._holding(args.n):
             if self.config.batching == "request":
                 return await self._bounded(self._batched(args)), args.options.seed
@@ -124,10 +126,11 @@ class ImageService:
 
     async def edit(self, images: np.ndarray, masks: np.ndarray, seed: Optional[int] = None, class_labels=None,
                    steps: Optional[int] = None, temperature=None, choice_temperature=None,
-                   paste_original: bool = False, feather: int = 2) -> Tuple[np.ndarray, int]:
+                   paste_original: bool = False, feather: int = 2, guidance_scale=None) -> Tuple[np.ndarray, int]:
         self._check_steps(steps)
         kwargs = dict(steps=steps, class_labels=class_labels, temperature=temperature,
-                      choice_temperature=choice_temperature, paste_original=paste_original, feather=feather)
+                      choice_temperature=choice_temperature, paste_original=paste_original, feather=feather,
+                      guidance_scale=guidance_scale)
         if self.scheduler is not None:
             job = self.scheduler.submit_edit(images, masks, seed=seed, **kwargs)
             return await self._bounded(job.wait()), job.seed
@@ -144,10 +147,11 @@ class ImageService:
         except asyncio.TimeoutError:
             raise TimeoutError(f"the request took longer than {self.config.request_timeout_s:g} s") from None
 
-    def _sample_args(self, n, seed, class_labels, steps, temperature, choice_temperature) -> SampleArgs:
+    def _sample_args(self, n, seed, class_labels, steps, temperature, choice_temperature,
+                     guidance_scale) -> SampleArgs:
         n = self.check_count(n)
         return SampleArgs(n, self.generator.sampling_options(n, steps, seed, class_labels, temperature,
-                                                             choice_temperature))
+                                                             choice_temperature, guidance_scale))
 
     def check_count(self, n) -> int:
         """n as an int in [1, max_request_images], or ValueError."""

@@ -12,13 +12,14 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from movq_deploy import contract, sampling
+from movq_deploy import sampling
 from movq_deploy.generator import Generator
 
 
 def prior_step_fn(generator: Generator) -> sampling.StepFn:
-    """A StepFn that runs one call of the generator's prior-step graph (any batch size)."""
-    return contract.runner_step_fn(generator.backend.runners["prior"])
+    """A StepFn over the generator's prior-step graphs (any batch size; each row guided or not by its own
+    guidance_scale)."""
+    return generator.prior_step_fn()
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class SampleArgs:
 def sample_batch(generator: Generator, requests: List[SampleArgs]) -> List[np.ndarray]:
     """Runs several sample requests as one batch: uint8 [n,H,W,3] per request, equal to Generator.sample's images.
 
-    Rows with the same step count share every prior call (temperatures and labels are per row), in chunks of the
-    generator's batch size; all rows are decoded together at the end.
+    Rows with the same step count share every prior call (temperatures, guidance and labels are per row), in chunks
+    of the generator's batch size; all rows are decoded together at the end.
     """
     step_fn = prior_step_fn(generator)
     rows: List[Tuple[int, int]] = [(r, i) for r, request in enumerate(requests) for i in range(request.n)]
@@ -51,8 +52,9 @@ def sample_batch(generator: Generator, requests: List[SampleArgs]) -> List[np.nd
                 labels = np.array([o.class_labels[i] for o, i in options], dtype=np.int32)  # (B,)
             temperature = np.array([of_image(o.temperature, i) for o, i in options])  # (B,)
             choice_temperature = np.array([of_image(o.choice_temperature, i) for o, i in options])  # (B,)
+            guidance_scale = np.array([of_image(o.guidance_scale, i) for o, i in options])  # (B,)
             tokens[chunk] = sampling.unmask(step_fn, tokens[chunk], generator.mask_id, uniform, gumbel, labels,
-                                            temperature, choice_temperature)
+                                            temperature, choice_temperature, guidance_scale)
     images = generator.decode(tokens, output_type="np")  # (rows, H, W, 3)
     bounds = np.cumsum([0] + [request.n for request in requests])
     return [images[bounds[r]:bounds[r + 1]] for r in range(len(requests))]

@@ -28,7 +28,7 @@ def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_
     names = {entry["file"] for _, _, entry in _graph_files(manifest)}
     assert names == {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
                      "prior.fp16.onnx", "prior.int8.onnx", "encoder.int8.onnx",
-                     "decoder.int8.onnx"}
+                     "decoder.int8.onnx", "prior_guided.onnx", "prior_guided.fp16.onnx", "prior_guided.int8.onnx"}
     assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json"})
     for _, _, entry in _graph_files(manifest):
         mf.verify_file(out, entry)
@@ -36,7 +36,8 @@ def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_
     assert manifest["grid"] == {"h": 8, "w": 8, "c": 2}
     assert manifest["codebook_size"] == manifest["mask_id"] == 16 and manifest["image_size"] == 16
     assert manifest["num_classes"] == 3 and manifest["class_names"] == class_names
-    assert manifest["sampling"] == {"steps": 6, "temperature": 1.0, "choice_temperature": 4.5}
+    assert manifest["sampling"] == {"steps": 6, "temperature": 1.0, "choice_temperature": 4.5, "guidance_scale": 0.0}
+    assert mf.EngineDir.load(out).graph_names == ("encoder", "decoder", "prior", "prior_guided")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
@@ -50,6 +51,8 @@ def test_graphs_are_clean_with_a_dynamic_batch_and_typed_boundaries(exported):
                    "temperature": ("float32", ["batch"]), "choice_scale": ("float32", ["batch"])},
                   {"sampled": ("int32", ["batch", 128]), "confidence": ("float32", ["batch", 128])}),
     }
+    prior_inputs, prior_outputs = expected["prior"]
+    expected["prior_guided"] = ({**prior_inputs, "guidance_scale": ("float32", ["batch"])}, prior_outputs)
     for precision, name, entry in _graph_files(manifest):
         inputs, outputs = expected[name]
         assert {t["name"]: (t["dtype"], t["shape"]) for t in entry["inputs"]} == inputs
@@ -68,14 +71,18 @@ def test_validation_figures_are_recorded_and_within_tolerance(exported):
     assert fp32["decoder"]["max_pixel_error"] <= 1 and fp32["decoder"]["fraction_off"] <= 0.01
     assert fp32["encoder"]["mismatches"] == 0 and fp32["prior"]["token_mismatches"] == 0
     assert fp32["prior"]["max_confidence_error"] < 1e-3
+    # The guided graph (guidance scales 0.5..4 and 0 in its validation inputs) against PyTorch's GuidedPriorStepGraph.
+    assert fp32["prior_guided"]["token_mismatches"] == 0 and fp32["prior_guided"]["max_confidence_error"] < 1e-3
     fp16, int8 = manifest["validation"]["fp16"], manifest["validation"]["int8"]
     assert fp16["decoder"]["max_pixel_error"] <= 8 and fp16["encoder"]["index_agreement"] > 0.9
-    assert fp16["prior"]["top_token_agreement"] > 0.9 and 0.0 < int8["prior"]["top_token_agreement"] <= 1.0
-    assert int8["prior"]["fusions"].get("SkipLayerNormalization", 0) > 0  # the BERT fusions applied
+    for prior in ("prior", "prior_guided"):
+        assert fp16[prior]["top_token_agreement"] > 0.9 and 0.0 < int8[prior]["top_token_agreement"] <= 1.0
+        assert int8[prior]["fusions"].get("SkipLayerNormalization", 0) > 0  # the BERT fusions applied
     assert manifest["validation"]["batch_sizes"] == [1, 3]
     table = "\n".join(lines)
     assert "| prior | fp32 | PyTorch |" in table and "| prior | int8 | fp32 ONNX |" in table
-    assert sum(line.startswith(("encoder ", "decoder ", "prior ")) for line in lines) == 9  # progress per graph
+    assert "| prior_guided | fp32 | PyTorch |" in table
+    assert sum(line.startswith(("encoder ", "decoder ", "prior ", "prior_guided ")) for line in lines) == 12
 
 
 def test_exported_graphs_run_at_an_unseen_batch_size(exported):

@@ -65,11 +65,12 @@ def test_manifest_records_the_measured_agreement(exported):
     assert any(line.startswith("decoder  int8") and "psnr_db" in line for line in lines)
 
 
-def test_generator_int8_uses_all_three_int8_graphs(exported):
+def test_generator_int8_uses_every_int8_graph(exported):
     out, manifest, _ = exported
     generator = Generator(out, backend="onnxruntime-cpu", precision="int8")
     files = {name: runner.path.name for name, runner in generator.backend.runners.items()}
-    assert files == {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx", "prior": "prior.int8.onnx"}
+    assert files == {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx", "prior": "prior.int8.onnx",
+                     "prior_guided": "prior_guided.int8.onnx"}
     images = generator.sample(n=3, seed=0, output_type="np")
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
     reference = Generator(out, backend="onnxruntime-cpu", precision="fp32")
@@ -80,7 +81,8 @@ def test_generator_int8_uses_all_three_int8_graphs(exported):
 
 def test_a_directory_without_int8_image_graphs_uses_the_fp32_ones(exported):
     out, manifest, _ = exported
-    older = {**manifest, "graphs": {**manifest["graphs"], "int8": {"prior": manifest["graphs"]["int8"]["prior"]}}}
+    before_guidance = {name: entry for name, entry in manifest["graphs"]["fp32"].items() if name != "prior_guided"}
+    older = {**manifest, "graphs": {"fp32": before_guidance, "int8": {"prior": manifest["graphs"]["int8"]["prior"]}}}
     entries = EngineDir.from_dict(out, older).graph_entries("int8")
     assert [entries[name]["file"] for name in ("encoder", "decoder", "prior")] == \
         ["encoder.onnx", "decoder.onnx", "prior.int8.onnx"]

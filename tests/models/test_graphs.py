@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from movq_deploy import contract
-from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph, inverse_cdf_draw
+from movq_deploy.models.graphs import (
+    DecoderGraph, EncoderGraph, GuidedPriorStepGraph, PriorStepGraph, inverse_cdf_draw,
+)
 from movq_deploy.models.movq import MoVQ, MoVQConfig
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 
@@ -162,3 +164,35 @@ def test_prior_step_takes_one_temperature_and_choice_scale_per_image():
         for i in range(3):
             same = step(tokens, labels, uniform, gumbel, temperatures[i].expand(3), scales[i].expand(3))
             assert torch.equal(mixed[0][i], same[0][i]) and torch.equal(mixed[1][i], same[1][i])
+
+
+def test_guided_prior_step_mixes_cond_and_null_class_logits_as_muse_writes_it():
+    prior = small_prior(num_classes=2)
+    guided = GuidedPriorStepGraph(prior).eval()
+    assert guided.input_names == contract.prior_input_names(conditional=True) + ["guidance_scale"]
+    tokens, labels, uniform, gumbel, temperature, scale = example_args(prior.config, batch=3, seed=3)
+    labels = torch.tensor([0, 1, 2], dtype=torch.int32)  # the null class too
+    w = torch.tensor([0.0, 1.0, 3.0])
+    with torch.no_grad():
+        cond, uncond = prior(tokens, labels).float(), prior(tokens, torch.full_like(labels, 2)).float()
+        expected = PriorStepGraph(prior).draw(cond + w[:, None, None] * (cond - uncond), tokens, uniform, gumbel,
+                                              temperature, scale)
+        sampled, confidence = guided(tokens, labels, uniform, gumbel, temperature, scale, w)
+        plain = PriorStepGraph(prior)(tokens, labels, uniform, gumbel, temperature, scale)
+    assert torch.equal(sampled, expected[0])
+    torch.testing.assert_close(confidence, expected[1], rtol=1e-5, atol=1e-5)
+    # w = 0 is the conditional prior: the plain step's tokens.
+    assert torch.equal(sampled[0], plain[0][0])
+    with pytest.raises(ValueError, match="class-conditional"):
+        GuidedPriorStepGraph(small_prior(num_classes=0))
+
+
+def test_guided_prior_step_changes_tokens_with_w():
+    prior = small_prior(num_classes=2)
+    guided = GuidedPriorStepGraph(prior).eval()
+    tokens, labels, uniform, gumbel, temperature, scale = example_args(prior.config, batch=4, seed=4)
+    tokens = torch.full_like(tokens, prior.config.mask_id)
+    with torch.no_grad():
+        unguided = guided(tokens, labels, uniform, gumbel, temperature, scale, torch.zeros(4))[0]
+        strong = guided(tokens, labels, uniform, gumbel, temperature, scale, torch.full((4,), 8.0))[0]
+    assert (unguided != strong).any()
