@@ -26,6 +26,29 @@ def test_sample_writes_the_grid_of_generator_sample(tiny_engines, tiny_generator
     assert "sampling" in captured.err  # progress (tqdm bar or plain lines)
 
 
+def test_sample_and_edit_take_a_guidance_scale(tiny_engines, tiny_generator, tmp_path, capsys):
+    out = tmp_path / "guided.png"
+    rc = cli.main(["sample", "--engine-dir", str(tiny_engines.engine_dir), "-n", "3", "--seed", "1", "--steps", "3",
+                   "--class-label", "green", "--guidance-scale", "2.5", "--nrow", "3", "--out", str(out)])
+    assert rc == 0
+    expected = tiny_generator.sample(n=3, steps=3, seed=1, class_labels="green", guidance_scale=2.5, output_type="np")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(expected, nrow=3)))
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    size = tiny_generator.image_size
+    Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(image)
+    Image.new("L", (size, size), 255).save(mask)
+    rc = cli.main(["edit", "--engine-dir", str(tiny_engines.engine_dir), "--image", str(image), "--mask", str(mask),
+                   "--seed", "2", "--steps", "3", "--class-label", "1", "--guidance-scale", "3",
+                   "--out", str(tmp_path / "edited.png")])
+    assert rc == 0
+    want = tiny_generator.edit([Image.open(image)], [Image.open(mask)], steps=3, seed=2, class_labels=1,
+                               guidance_scale=3.0, output_type="np")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "edited.png")), want[0])
+    capsys.readouterr()
+    assert cli.main(["info", "--engine-dir", str(tiny_engines.engine_dir)]) == 0
+    assert "guidance scale 0 (defaults)" in capsys.readouterr().out
+
+
 def test_progress_falls_back_to_plain_lines(tiny_engines, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_load_tqdm", lambda: None)  # as if tqdm were not installed
     rc = cli.main(["sample", "--engine-dir", str(tiny_engines.engine_dir), "-n", "2", "--seed", "1",
@@ -162,6 +185,9 @@ def test_unwritable_output_ends_with_one_line(tiny_engines, tmp_path, capsys):
     (["sample", "--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
     (["sample", "--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
     (["sample", "--choice-temperature", "-1"], "--choice-temperature must be a finite number >= 0, got -1.0"),
+    (["sample", "--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0, got -1.0"),
+    (["edit", "--image", "IMAGE", "--mask", "IMAGE", "--guidance-scale", "inf"],
+     "--guidance-scale must be a finite number >= 0, got inf"),
     (["edit", "--image", "missing.png", "--mask", "m.png"], "--image missing.png does not exist"),
     (["edit", "--image", "IMAGE", "--extend", "1,2"], "--extend takes four comma-separated pixel counts"),
 ])

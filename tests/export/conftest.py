@@ -33,10 +33,11 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(ckpt):
-    """One full export (fp32 + fp16 + int8) of the conditional tiny model; (engine_dir, manifest, log lines)."""
+    """One full export (fp32 + fp16 + int8, guidance 1.5 by default) of the conditional tiny model; (engine_dir,
+    manifest, log lines)."""
     lines = []
     out = ckpt.parent / "engines"
-    engine_dir = export_engine_dir(ckpt, out, steps=6, fp16=True, int8=True, log=lines.append)
+    engine_dir = export_engine_dir(ckpt, out, steps=6, fp16=True, int8=True, log=lines.append, guidance_scale=1.5)
     assert engine_dir.path == out
     return out, engine_dir.to_dict(), lines
 

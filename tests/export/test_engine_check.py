@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from movq_deploy.export import engine_check
 
-GRAPHS = ("encoder", "decoder", "prior")
+GRAPHS = ("encoder", "decoder", "prior", "prior_guided")
 
 
 def _check(exported, candidate_path, precision, graph):

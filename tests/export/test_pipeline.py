@@ -36,7 +36,7 @@ def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_
     assert manifest["grid"] == {"h": 8, "w": 8, "c": 2}
     assert manifest["codebook_size"] == manifest["mask_id"] == 16 and manifest["image_size"] == 16
     assert manifest["num_classes"] == 3 and manifest["class_names"] == class_names
-    assert manifest["sampling"] == {"steps": 6, "temperature": 1.0, "choice_temperature": 4.5, "guidance_scale": 0.0}
+    assert manifest["sampling"] == {"steps": 6, "temperature": 1.0, "choice_temperature": 4.5, "guidance_scale": 1.5}
     assert mf.EngineDir.load(out).graph_names == ("encoder", "decoder", "prior", "prior_guided")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
 

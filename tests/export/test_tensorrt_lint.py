@@ -38,7 +38,7 @@ def fresh_export(request):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("graph", ["encoder", "decoder", "prior"])
+@pytest.mark.parametrize("graph", ["encoder", "decoder", "prior", "prior_guided"])
 def test_every_exported_graph_passes_the_tensorrt_rules(fresh_export, precision, graph):
     engine_dir, manifest = fresh_export
     path = engine_dir / manifest["graphs"][precision][graph]["file"]

@@ -26,6 +26,15 @@ def test_cli_bad_inputs_give_one_line_and_a_nonzero_exit(ckpt, tmp_path, capsys,
     code, err = _cli(capsys, stage1, "--out", tmp_path / "e")
     assert code == 1 and "holds no prior" in err and "\n" not in err
 
+    code, err = _cli(capsys, ckpt, "--out", tmp_path / "e", "--guidance-scale", "-1")
+    assert code == 1 and "guidance_scale must be >= 0" in err and "\n" not in err
+    movq, prior = tiny_models(num_classes=0)
+    unconditional = save_checkpoint(tmp_path / "unconditional.pt", tokenizer_config=movq.config.to_dict(),
+                                    tokenizer=movq.state_dict(), prior_config=prior.config.to_dict(),
+                                    prior=prior.state_dict())
+    code, err = _cli(capsys, unconditional, "--out", tmp_path / "e", "--guidance-scale", "2")
+    assert code == 1 and "needs a class-conditional prior" in err and "\n" not in err
+
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")

@@ -76,3 +76,15 @@ def test_encode_rejects_bad_images(sampler):
         sampler.encode(np.zeros((1, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
         sampler.encode(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_guidance_scale_guides_conditional_priors_only(sampler):
+    conditional = make_sampler(num_classes=3)
+    labels = [0, 1, 2, 1]
+    plain = conditional.sample_tokens(4, steps=STEPS, seed=1, class_labels=labels)
+    assert np.array_equal(conditional.sample_tokens(4, steps=STEPS, seed=1, class_labels=labels, guidance_scale=0.0),
+                          plain)
+    guided = conditional.sample_tokens(4, steps=STEPS, seed=1, class_labels=labels, guidance_scale=[0.0, 0.0, 4, 4])
+    assert np.array_equal(guided[:2], plain[:2]) and not np.array_equal(guided[2:], plain[2:])
+    with pytest.raises(ValueError, match="class-conditional"):
+        sampler.sample_tokens(2, steps=STEPS, seed=1, guidance_scale=1.0)

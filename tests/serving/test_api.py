@@ -64,10 +64,32 @@ def test_edit_equals_the_library(client, tiny_generator):
     assert np.array_equal(_decoded(response.json()), want)
 
 
+def test_guided_sample_and_edit_equal_the_library(client, tiny_generator):
+    response = client.post("/v1/sample", json={"n": 2, "seed": 6, "steps": 3, "class_labels": [0, 1],
+                                               "guidance_scale": [0, 3.5]})
+    assert response.status_code == 200, response.text
+    want = tiny_generator.sample(n=2, seed=6, steps=3, class_labels=[0, 1], guidance_scale=[0, 3.5],
+                                 output_type="np")
+    assert np.array_equal(_decoded(response.json()), want)
+    size = tiny_generator.image_size
+    image = np.random.default_rng(2).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.full((size, size), 255, dtype=np.uint8)
+    response = client.post("/v1/edit", files={"image": ("in.png", _png(image)), "mask": ("m.png", _png(mask))},
+                           data={"seed": "3", "steps": "3", "class_label": "2", "guidance_scale": "2.5"})
+    assert response.status_code == 200, response.text
+    want = tiny_generator.edit([image], [mask > 127], seed=3, steps=3, class_labels=2, guidance_scale=2.5,
+                               output_type="np")
+    assert np.array_equal(_decoded(response.json()), want)
+    bad = client.post("/v1/edit", files={"image": ("in.png", _png(image)), "mask": ("m.png", _png(mask))},
+                      data={"seed": "3", "guidance_scale": "-2"})
+    assert bad.status_code == 400 and "guidance_scale must be >= 0" in bad.json()["detail"]
+
+
 def test_info_and_health(client, tiny_engines):
     info = client.get("/v1/info").json()
     assert info["class_names"] == tiny_engines.class_names and info["backend"] == "onnxruntime-cpu"
     assert info["batching"] == "continuous" and set(info["grid"]) == {"h", "w", "c"}
+    assert info["guidance"] is True  # a class-conditional export: guidance_scale may be other than 0
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
@@ -79,6 +101,9 @@ def test_info_and_health(client, tiny_engines):
     (b'{"class_labels": "purple"}', 400, "unknown class name 'purple'"),
     (b'{"class_labels": 7}', 400, "out of range"),
     (b'{"steps": -1}', 400, "steps must be a positive int"),
+    (b'{"guidance_scale": -1}', 400, "guidance_scale must be >= 0"),
+    (b'{"n": 2, "guidance_scale": [1, 2, 3]}', 400, "guidance_scale must be one number or 2 (one per image)"),
+    (b'{"guidance_scale": "strong"}', 422, "guidance_scale"),
     (b'{"n": 2, "format": "png"}', 400, "format 'png' returns one image"),
     (b'{"path": "/etc/passwd"}', 422, "path: Extra inputs are not permitted"),
     (b'{"n": 1, "pad": "' + b"x" * 70000 + b'"}', 413, "larger than 65536 bytes"),

@@ -20,13 +20,14 @@ def _wait_until(condition, timeout: float = TIMEOUT) -> None:
         time.sleep(0.002)
 
 
-# Mixed sizes, step counts, temperatures, confidence-noise temperatures and class labels (the tiny model has 3).
+# Mixed sizes, step counts, temperatures, confidence-noise temperatures, class labels (the tiny model has 3) and
+# classifier-free guidance (guided and unguided rows share steps).
 REQUESTS = [
-    dict(n=3, steps=4, seed=1, class_labels=0),
+    dict(n=3, steps=4, seed=1, class_labels=0, guidance_scale=3.0),
     dict(n=1, steps=2, seed=2, class_labels=None, temperature=0.7),
     dict(n=4, steps=6, seed=3, class_labels=[2, 1, None, 0], choice_temperature=2.0,
-         temperature=[0.7, 1.3, 1.0, 0.9]),  # one per image
-    dict(n=2, steps=3, seed=4, class_labels="green", temperature=1.3),
+         temperature=[0.7, 1.3, 1.0, 0.9], guidance_scale=[0.0, 2.0, 1.0, 0.0]),  # one per image
+    dict(n=2, steps=3, seed=4, class_labels="green", temperature=1.3, guidance_scale=1.5),
     dict(n=1, steps=1, seed=5, class_labels=1),
     dict(n=5, steps=5, seed=6, class_labels=None, temperature=0.7, choice_temperature=0.0),
 ]
