@@ -73,7 +73,11 @@ class Page:
                                                  label="temperature", elem_id="temperature")
                     self.choice_temperature = gr.Slider(0.0, 10.0, value=info.defaults.choice_temperature, step=0.1,
                                                         label="choice temperature", elem_id="choice-temperature")
-            self.settings = [self.class_name, self.steps, self.temperature, self.choice_temperature]
+                    self.guidance_scale = gr.Slider(0.0, 10.0, value=info.defaults.guidance_scale, step=0.5,
+                                                    label="guidance scale (0: unguided)", visible=info.guidance,
+                                                    elem_id="guidance-scale")
+            self.settings = [self.class_name, self.steps, self.temperature, self.choice_temperature,
+                             self.guidance_scale]
             with gr.Tabs() as self.tabs:
                 with gr.Tab("Sample", id="sample", elem_id="tab-sample"):
                     self._sample_tab()
@@ -107,10 +111,9 @@ class Page:
                             outputs=[self.grid, self.sample_status, self.download, self.send, self.samples])
 
     @shown_on_page
-    async def sample(self, count, seed, class_name, steps, temperature, choice_temperature):
+    async def sample(self, count, seed, *settings):
         seed = secrets.randbits(31) if seed is None else _whole(seed, "seed")
-        result = await self.service.sample(_whole(count, "the number of images"), seed,
-                                     self._options(class_name, steps, temperature, choice_temperature))
+        result = await self.service.sample(_whole(count, "the number of images"), seed, self._options(*settings))
         grid = np.asarray(make_grid(result.images))
         status = (f"{len(result.images)} images · seed **{result.seed}** · {self.info.backend} "
                   f"({self.info.precision}) · {result.seconds:.2f} s")
@@ -246,12 +249,16 @@ class Page:
                 token_picture(result.tokens, self.info.codebook_size, cell=cell), status)
 
     # --------------------------------------------------------------------------------------------- shared
-    def _options(self, class_name, steps, temperature, choice_temperature) -> SamplingOptions:
+    def _options(self, class_name, steps, temperature, choice_temperature, guidance_scale=None) -> SamplingOptions:
+        """The settings row as SamplingOptions; guidance_scale None (a caller without that slider) takes the model's
+        default."""
         if class_name not in self.class_choices:
             raise ValueError(f"unknown class {class_name!r}")
         label = None if class_name == NO_CLASS else self.class_choices.index(class_name) - 1
+        guidance = None if guidance_scale is None else float(guidance_scale)
         return SamplingOptions(steps=_whole(steps, "steps"), temperature=float(temperature),
-                               choice_temperature=float(choice_temperature), class_label=label)
+                               choice_temperature=float(choice_temperature), class_label=label,
+                               guidance_scale=guidance)
 
 
 def build_page(service: PageService) -> gr.Blocks:

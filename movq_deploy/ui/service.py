@@ -32,6 +32,7 @@ class ModelInfo:
     num_classes: int  # 0: unconditional
     defaults: SamplingDefaults
     max_images: int = MAX_IMAGES
+    guidance: bool = False  # whether the model samples with classifier-free guidance (a prior_guided graph)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class SamplingOptions:
     temperature: Optional[float] = None
     choice_temperature: Optional[float] = None
     class_label: Optional[int] = None  # None: no class (the null class of a conditional model)
+    guidance_scale: Optional[float] = None  # classifier-free guidance w (0: unguided)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class ServedService:
         start = time.perf_counter()
         kw = knobs(options, self.defaults)
         images, seed = await self.service.sample(n, seed, kw["class_labels"], kw["steps"], kw["temperature"],
-                                                 kw["choice_temperature"])
+                                                 kw["choice_temperature"], kw["guidance_scale"])
         return Generated(images, seed, time.perf_counter() - start)
 
     async def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
@@ -126,7 +128,8 @@ class ServedService:
         kw = knobs(options, self.defaults)
         images, seed = await self.service.edit(np.repeat(image[None], n, axis=0), np.repeat(mask[None], n, axis=0),
                                                seed, kw["class_labels"], kw["steps"], kw["temperature"],
-                                               kw["choice_temperature"], paste_original)
+                                               kw["choice_temperature"], paste_original,
+                                               guidance_scale=kw["guidance_scale"])
         return Generated(images, seed, time.perf_counter() - start)
 
     async def reconstruct(self, image: np.ndarray) -> Reconstruction:
@@ -137,7 +140,7 @@ def model_info(generator, defaults: SamplingDefaults, max_images: int) -> ModelI
     return ModelInfo(backend=generator.backend_name, precision=generator.precision, image_size=generator.image_size,
                      grid=tuple(generator.grid), codebook_size=generator.codebook_size,
                      class_names=list(generator.class_names), num_classes=generator.num_classes, defaults=defaults,
-                     max_images=max_images)
+                     max_images=max_images, guidance=generator.no_guidance is None)
 
 
 def knobs(options: SamplingOptions, defaults: SamplingDefaults) -> dict:
@@ -148,6 +151,7 @@ def knobs(options: SamplingOptions, defaults: SamplingDefaults) -> dict:
     return {"steps": pick(options.steps, defaults.steps),
             "temperature": pick(options.temperature, defaults.temperature),
             "choice_temperature": pick(options.choice_temperature, defaults.choice_temperature),
+            "guidance_scale": pick(options.guidance_scale, defaults.guidance_scale),
             "class_labels": options.class_label}
 
 

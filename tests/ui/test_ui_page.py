@@ -102,3 +102,12 @@ def test_the_page_builds_for_an_unconditional_model(tiny_unconditional_engines):
     blocks = build_page(LocalService(Generator(tiny_unconditional_engines.engine_dir, backend="onnxruntime-cpu")))
     dropdowns = [block for block in blocks.blocks.values() if isinstance(block, gr.Dropdown)]
     assert len(dropdowns) == 1 and not dropdowns[0].visible  # no class to choose
+
+
+def test_the_guidance_slider_reaches_the_generator(page, tiny_generator):
+    assert page.info.guidance and page.guidance_scale.visible  # a class-conditional model with prior_guided
+    _, _, _, _, samples = _run(page.sample, 2, 8, "blue", 3, 1.0, 4.5, 3.0)
+    expected = tiny_generator.sample(2, steps=3, seed=8, class_labels="blue", guidance_scale=3.0, output_type="np")
+    assert np.array_equal(samples, expected)
+    with pytest.raises(gr.Error, match="guidance_scale must be &gt;= 0|guidance_scale must be >= 0"):
+        _run(page.sample, 2, 8, "blue", 3, 1.0, 4.5, -1.0)
