@@ -5,8 +5,10 @@ read by a classifier that never saw a generated image.
 
 The judge is scikit-learn's logistic regression fitted on the 8x8 scans of the training split; generated images are
 mapped back to that space (grey, inverted, box-averaged to 8x8: movq_deploy.training.digits.digit_features). Its
-"agreement" is the share of samples it reads as the class they were asked for. Writes:
-- digits_samples.png: one row per digit class 0..9 (the first COLUMNS of the class's samples);
+"agreement" is the share of samples it reads as the class they were asked for; it is measured for unguided samples
+and with classifier-free guidance at the GUIDANCE_SCALES (same seed, same labels, same count per class). Writes:
+- digits_samples.png: one row per digit class 0..9 (the first COLUMNS of the class's samples), unguided;
+- digits_samples_guided.png: the same with guidance (the largest of GUIDANCE_SCALES);
 - digits_inpaint.png: held-out digits (never trained on); per row: the original, the lower half masked (grey), and
   fills for three seeds, the upper half kept;
 - digits_report.json: every figure printed here.
@@ -34,6 +36,7 @@ COLUMNS = 12
 INPAINT_PER_CLASS = 2
 INPAINT_SEEDS = (0, 1, 2)
 TARGET = 0.80
+GUIDANCE_SCALES = (0.0, 1.0, 3.0)  # w = 0 is unguided sampling
 
 
 def fit_judge(data: DigitsData) -> LogisticRegression:
@@ -56,6 +59,19 @@ def sample_rows(generator, judge, seed: int, out: Path, **options) -> dict:
     shown = np.concatenate([images[labels == c][:COLUMNS] for c in range(10)])
     make_grid(shown, nrow=COLUMNS).save(out)
     return {"agreement": overall, "per_class": per_class, "samples": len(labels), "seconds": seconds}
+
+
+def guidance_rows(generator, judge, seed: int, out: Path, unguided: dict) -> dict:
+    """The judge's agreement at each of GUIDANCE_SCALES ({"w": figures}; w = 0 is `unguided`, already sampled), the
+    grid of the largest; {} when the model cannot guide (an engine directory exported before guidance)."""
+    if generator.no_guidance is not None:
+        print(f"guidance: not measured ({generator.no_guidance})")
+        return {}
+    figures = {f"{w:g}": unguided if w == 0 else sample_rows(generator, judge, seed, out, guidance_scale=w)
+               for w in GUIDANCE_SCALES}
+    print("classifier-free guidance (same seed and labels): agreement " + ", ".join(
+        f"w={w} {f['agreement']:.1%} ({f['seconds']:.1f} s)" for w, f in figures.items()))
+    return figures
 
 
 def inpaint_rows(generator, judge, data: DigitsData, out: Path) -> dict:
@@ -95,19 +111,21 @@ def main() -> None:
     print(f"judge: logistic regression on {len(data.train_scans)} training scans; held-out accuracy {held_out:.1%} "
           f"on the 8x8 scans, {round_trip:.1%} on the same digits upscaled to {data.image_size}² and read back")
 
-    samples = sample_rows(generator, judge, args.seed, args.out / "digits_samples.png")
+    samples = sample_rows(generator, judge, args.seed, args.out / "digits_samples.png", guidance_scale=0.0)
     inpaint = inpaint_rows(generator, judge, data, args.out / "digits_inpaint.png")
     verdict = "meets" if samples["agreement"] >= TARGET else "MISSES"
     print(f"samples ({generator.backend_name}, {generator.default_steps} steps): the judge reads "
           f"{samples['agreement']:.1%} of {samples['samples']} samples as the class asked for ({verdict} the "
           f"{TARGET:.0%} target); per class " + " ".join(f"{c}:{a:.0%}" for c, a in enumerate(samples["per_class"])))
+    guidance = guidance_rows(generator, judge, args.seed, args.out / "digits_samples_guided.png", samples)
     print(f"inpainting (lower half of {inpaint['digits']} held-out digits): agreement {inpaint['agreement_with_label']:.1%} "
           f"with the digit's class, {inpaint['agreement_null_class']:.1%} with no class (the upper half alone)")
     report = {"judge_held_out_accuracy": held_out, "judge_round_trip_accuracy": round_trip,
               "backend": generator.backend_name, "steps": generator.default_steps, "seed": args.seed,
-              "samples": samples, "inpaint": inpaint}
+              "samples": samples, "guidance": guidance, "inpaint": inpaint}
     atomic_write_text(args.out / "digits_report.json", json.dumps(report, indent=1))
-    for name in ("digits_samples.png", "digits_inpaint.png", "digits_report.json"):
+    written = ["digits_samples.png", "digits_inpaint.png", "digits_report.json"]
+    for name in written + ["digits_samples_guided.png"] * bool(guidance):
         print(f"wrote {args.out / name}")
 
 
