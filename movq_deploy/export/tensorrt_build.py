@@ -1,12 +1,13 @@
 """TensorRT engines from an engine directory's ONNX graphs: built, checked against ONNX Runtime, recorded.
 
-Each graph (encoder, decoder, prior, and prior_guided when the directory has it) of the chosen precision (the fp16 ONNX graphs for fp16, fp32 otherwise) is
-linted against TensorRT's ONNX parser rules, then parsed into a strongly typed network: precision comes from the
-ONNX graph itself, which is the only mode TensorRT 11 has (no FP16/INT8 builder flags). One optimization profile
-per engine, tuned for that graph's own opt batch (how the Generator calls it); fp32 math may use TF32. A timing
-cache persists between builds. Each new engine is run against the fp32 graph on ONNX Runtime through Polygraphy's
-comparator (movq_deploy.export.engine_check) and refused outside tolerance; its figures go into the manifest. An
-engine is rebuilt only when it is stale (movq_deploy/engine_cache.py).
+Each graph (encoder, decoder, prior, and prior_guided when the directory has it) of the chosen precision (the
+fp16 ONNX graphs for fp16, fp32 otherwise) is linted against TensorRT's ONNX parser rules, then parsed into a
+strongly typed network: precision comes from the ONNX graph itself, which is the only mode TensorRT 11 has (no
+FP16/INT8 builder flags). One optimization profile per engine, tuned for that graph's own opt batch (how the
+Generator calls it); fp32 math may use TF32. A timing cache persists between builds. Each new engine is run
+against the fp32 graph on ONNX Runtime through Polygraphy's comparator (movq_deploy.export.engine_check) and
+refused outside tolerance; its figures go into the manifest. An engine is rebuilt only when it is stale
+(movq_deploy/engine_cache.py).
 
 Why our own builder and not Polygraphy's loaders (NetworkFromOnnxPath / CreateConfig / EngineBytesFromNetwork):
 polygraphy 0.53.6 would do for TensorRT 10.x and 11.x when strongly typed, but these ~60 lines are all the build
