@@ -37,6 +37,7 @@ demo: install
 	@echo "demo done (README.md, 'What make demo shows'):"
 	@echo "  photo tokenizer reconstructions    $(DEMO)/photos/reconstructions.png"
 	@echo "  digits: one row per class 0..9     $(DEMO)/digits_samples.png"
+	@echo "  the same, guidance scale 3         $(DEMO)/digits_samples_guided.png"
 	@echo "  the judge's agreement, per class   $(DEMO)/digits_report.json"
 	@echo "  digits: lower halves inpainted     $(DEMO)/digits_inpaint.png"
 	@echo "  64 samples, no class (CLI)         $(DEMO)/samples.png"

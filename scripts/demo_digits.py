@@ -6,7 +6,9 @@ read by a classifier that never saw a generated image.
 The judge is scikit-learn's logistic regression fitted on the 8x8 scans of the training split; generated images are
 mapped back to that space (grey, inverted, box-averaged to 8x8: movq_deploy.training.digits.digit_features). Its
 "agreement" is the share of samples it reads as the class they were asked for; it is measured for unguided samples
-and with classifier-free guidance at the GUIDANCE_SCALES (same seed, same labels, same count per class). Writes:
+and with classifier-free guidance at the GUIDANCE_SCALES (same seed, same labels, same count per class), beside the
+samples' "spread" (mean distance between two samples of a class in that 8x8 space; guidance trades it for
+agreement), with held-out real digits' spread for scale. Writes:
 - digits_samples.png: one row per digit class 0..9 (the first COLUMNS of the class's samples), unguided;
 - digits_samples_guided.png: the same with guidance (the largest of GUIDANCE_SCALES);
 - digits_inpaint.png: held-out digits (never trained on); per row: the original, the lower half masked (grey), and
@@ -44,6 +46,16 @@ def fit_judge(data: DigitsData) -> LogisticRegression:
                                                  data.train_labels)
 
 
+def spread(images: np.ndarray, labels: np.ndarray) -> float:
+    """Mean Euclidean distance between two different images of the same class, in the judge's 8x8 ink space."""
+    distances = []
+    for c in np.unique(labels):
+        features = digit_features(images[labels == c])  # (m, 64)
+        pairwise = np.linalg.norm(features[:, None] - features[None], axis=-1)  # (m, m)
+        distances.append(pairwise.sum() / max(len(features) * (len(features) - 1), 1))
+    return float(np.mean(distances))
+
+
 def agreement(judge: LogisticRegression, images: np.ndarray, labels: np.ndarray) -> "tuple[float, list[float]]":
     """Overall and per-class share of `images` the judge reads as `labels`."""
     hits = judge.predict(digit_features(images)) == labels
@@ -58,7 +70,8 @@ def sample_rows(generator, judge, seed: int, out: Path, **options) -> dict:
     overall, per_class = agreement(judge, images, labels)
     shown = np.concatenate([images[labels == c][:COLUMNS] for c in range(10)])
     make_grid(shown, nrow=COLUMNS).save(out)
-    return {"agreement": overall, "per_class": per_class, "samples": len(labels), "seconds": seconds}
+    return {"agreement": overall, "per_class": per_class, "spread": spread(images, labels), "samples": len(labels),
+            "seconds": seconds}
 
 
 def guidance_rows(generator, judge, seed: int, out: Path, unguided: dict) -> dict:
@@ -69,8 +82,8 @@ def guidance_rows(generator, judge, seed: int, out: Path, unguided: dict) -> dic
         return {}
     figures = {f"{w:g}": unguided if w == 0 else sample_rows(generator, judge, seed, out, guidance_scale=w)
                for w in GUIDANCE_SCALES}
-    print("classifier-free guidance (same seed and labels): agreement " + ", ".join(
-        f"w={w} {f['agreement']:.1%} ({f['seconds']:.1f} s)" for w, f in figures.items()))
+    print("classifier-free guidance (same seed and labels): agreement / spread " + ", ".join(
+        f"w={w} {f['agreement']:.1%} / {f['spread']:.1f} ({f['seconds']:.1f} s)" for w, f in figures.items()))
     return figures
 
 
@@ -108,8 +121,10 @@ def main() -> None:
     judge = fit_judge(data)
     held_out = float(judge.score(data.eval_scans.reshape(len(data.eval_scans), 64), data.eval_labels))
     round_trip = agreement(judge, data.eval_images, data.eval_labels)[0]
+    real_spread = spread(data.eval_images, data.eval_labels)
     print(f"judge: logistic regression on {len(data.train_scans)} training scans; held-out accuracy {held_out:.1%} "
-          f"on the 8x8 scans, {round_trip:.1%} on the same digits upscaled to {data.image_size}² and read back")
+          f"on the 8x8 scans, {round_trip:.1%} on the same digits upscaled to {data.image_size}² and read back; "
+          f"held-out digits' spread {real_spread:.1f}")
 
     samples = sample_rows(generator, judge, args.seed, args.out / "digits_samples.png", guidance_scale=0.0)
     inpaint = inpaint_rows(generator, judge, data, args.out / "digits_inpaint.png")
@@ -121,6 +136,7 @@ def main() -> None:
     print(f"inpainting (lower half of {inpaint['digits']} held-out digits): agreement {inpaint['agreement_with_label']:.1%} "
           f"with the digit's class, {inpaint['agreement_null_class']:.1%} with no class (the upper half alone)")
     report = {"judge_held_out_accuracy": held_out, "judge_round_trip_accuracy": round_trip,
+              "held_out_spread": real_spread,
               "backend": generator.backend_name, "steps": generator.default_steps, "seed": args.seed,
               "samples": samples, "guidance": guidance, "inpaint": inpaint}
     atomic_write_text(args.out / "digits_report.json", json.dumps(report, indent=1))

@@ -67,8 +67,8 @@ for config in $CONFIGS; do
   dir="$OUT/$config"
   step "checkpoint-$config" "$PYTHON" benchmarks/gpu_check.py checkpoint --config "$config" --out "$dir/ckpt.pt"
   step "export-$config" "$PYTHON" export/to_onnx.py "$dir/ckpt.pt" --out "$dir/engines" --fp16
-  step "lint-$config" "$PYTHON" -m movq_deploy.export.tensorrt_lint \
-    "$dir"/engines/{encoder,decoder,prior}.onnx "$dir"/engines/{encoder,decoder,prior}.fp16.onnx
+  # every fp32/fp16 graph of the export (prior_guided too, for a class-conditional model; no int8 graphs here)
+  step "lint-$config" "$PYTHON" -m movq_deploy.export.tensorrt_lint "$dir"/engines/*.onnx
 done
 
 if importable tensorrt && importable cuda.bindings.runtime; then
