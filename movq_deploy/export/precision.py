@@ -146,14 +146,20 @@ def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -
     weights (per channel). The result holds com.microsoft ops: it is an ONNX Runtime (CPU) graph, not a TensorRT
     one. Returns the fused-operator counts."""
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = spec.module.step.prior.config
+    # Attention (-> QAttention) and BiasGelu, but not SkipLayerNormalization: its CPU kernel took ~10 ms where
+    # LayerNormalization + Add take ~2 (paper prior, batch 16), and left out the int8 step is 1.2x faster at both
+    # sizes with the same tokens (BENCHMARKS.md, "The int8 limit").
+    fusions_wanted = FusionOptions("bert")
+    fusions_wanted.enable_skip_layer_norm = fusions_wanted.enable_bias_skip_layer_norm = False
     fused_path, prepared_path = scratch / f"{spec.name}.fused.onnx", scratch / f"{spec.name}.prepared.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = optimize_model(str(fp32_path), model_type="bert", num_heads=config.heads, hidden_size=config.width,
-                               opt_level=0)
+                               opt_level=0, optimization_options=fusions_wanted)
         fusions = {op: count for op, count in fused.get_fused_operator_statistics().items() if count}
         fused.save_model_to_file(str(fused_path))
         quant_pre_process(str(fused_path), str(prepared_path))
