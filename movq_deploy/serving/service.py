@@ -41,9 +41,9 @@ class ServiceConfig:
     retry_after_s: int = 1  # the Retry-After of a 503
     page: bool = False  # also serve the web page at /ui over this service (needs the ui extra: gradio)
     threads: Optional[int] = None  # ONNX Runtime threads per replica (default: the physical cores)
-    # One process-wide ONNX Runtime pool per replica process (`serve --shared-pool`). Off by default: its spinning
-    # workers made sample(n=1) 2.2x slower on a busy 2-core machine (BENCHMARKS.md); turn it on where a replica has
-    # its cores to itself.
+    # One process-wide ONNX Runtime pool per replica process (`serve --shared-pool`). Off by default: under serving
+    # load its spinning workers take the cores from the proxy and the request handling (2 cores: 12% fewer images/s
+    # at saturation, 2.3x the p99 near it; BENCHMARKS.md); turn it on where a replica has its cores to itself.
     shared_pool: bool = False
 
     def __post_init__(self):
