@@ -12,6 +12,8 @@ from movq_deploy import contract, sampling
 from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, PriorStepGraph
 from movq_deploy.models.reference import TorchRunner, prior_step_runner
 
+EAGER, COMPILE = "pytorch-eager", "torch-compile"  # the peers' backend names in benchmark rows
+
 
 class TorchPeer:
     """Encoder, decoder and prior-step graphs in PyTorch, `mode` "eager" or "compile" (torch.compile, dynamic
@@ -22,7 +24,7 @@ class TorchPeer:
             raise ValueError(f"mode must be 'eager' or 'compile', got {mode!r}")
         if precision == "fp16" and device == "cpu":
             raise ValueError("fp16 PyTorch peers run on CUDA only (CPU fp16 matmuls are not a path anyone deploys)")
-        self.name = "pytorch-eager" if mode == "eager" else "torch-compile"
+        self.name = EAGER if mode == "eager" else COMPILE
         self.precision = precision
         modules = {"encoder": EncoderGraph(movq), "decoder": DecoderGraph(movq), "prior": PriorStepGraph(prior)}
         for name, module in modules.items():
