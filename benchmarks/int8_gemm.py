@@ -9,7 +9,7 @@ measures (numpy, torch and MLAS MatMul), plus the same one-node MatMul with a co
 best of the readings taken before and after the model timings.
 
 The prior step is exported from freshly initialized models of each --configs size (speed does not depend on the
-weights) and quantized as `export/to_onnx.py --int8` does (dynamic int8, per-channel weights). Its dense FLOPs
+weights) and quantized as `export/to_onnx.py --int8` does (per-channel int8 weights, fixed activation scales). Its dense FLOPs
 (benchmarks/flops.py, analytic) over its p50 time, as a fraction of the int8 GEMM rate, is the figure of merit:
 the attention products, the norms and the sampling tail stay fp32 in that graph, so 100% is out of reach.
 Writes int8_gemm.json and int8_gemm.md to --out.
@@ -96,7 +96,8 @@ def export_int8_prior(config: str, workdir: Path) -> "tuple[Path, object]":
     finalize_graph(spec, fp32_path, io_shapes(spec))
     scratch = workdir / f"{config}.scratch"
     scratch.mkdir()
-    quantize_int8(spec, fp32_path, int8_path, scratch)
+    # Random weights: calibrate on the validation's random states (speed does not depend on the scales).
+    quantize_int8(spec, fp32_path, int8_path, scratch, spec.make_inputs(32, np.random.default_rng(0)))
     return int8_path, prior.config
 
 

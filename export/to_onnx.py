@@ -39,10 +39,10 @@ def main(argv: "list[str] | None" = None) -> int:
                              "unguided)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (norms/softmax/sampling in fp32)")
     parser.add_argument("--int8", action="store_true",
-                        help="also write int8 graphs for ONNX Runtime on the CPU: the prior (dynamic), the encoder and "
-                             "decoder (static, calibrated on --calibration-data)")
+                        help="also write int8 graphs for ONNX Runtime on the CPU: the prior-step graphs, the encoder and "
+                             "decoder (static activation scales, calibrated on --calibration-data)")
     parser.add_argument("--calibration-data", metavar="DIR",
-                        help="images that calibrate the int8 encoder/decoder (default: the tokenizer's training data, "
+                        help="images that calibrate the int8 graphs (default: the tokenizer's training data, "
                              "else scikit-image's photographs)")
     args = parser.parse_args(argv)
     try:

@@ -271,6 +271,21 @@ def test_int8_precision_uses_the_int8_graphs(tiny_engines, tiny_generator):
     assert "fp16" in _one_line_error(excinfo)
 
 
+@pytest.mark.parametrize("guidance_scale", [None, [0.0, 2.0, 0.5, 3.0, 1.0, 0.0, 2.5, 1.5]])
+def test_int8_images_do_not_depend_on_their_batchmates(tiny_engines, guidance_scale):
+    """The int8 prior-step graphs' activation scales are fixed at export: each image of sample(n=8) is, bit for bit,
+    the image sampled alone (one image per prior call), with mixed labels and, guided, per-image guidance scales."""
+    labels = [0, 1, 2, None, 2, 1, 0, None]
+    kwargs = dict(n=8, steps=4, seed=5, class_labels=labels, guidance_scale=guidance_scale, output_type="np")
+    together = Generator(tiny_engines.engine_dir, precision="int8").sample(**kwargs)
+    alone = Generator(tiny_engines.engine_dir, precision="int8", batch_size=1).sample(**kwargs)
+    assert np.array_equal(alone, together)
+    first = Generator(tiny_engines.engine_dir, precision="int8").sample(
+        **{**kwargs, "n": 1, "class_labels": labels[:1], "guidance_scale": guidance_scale and guidance_scale[:1]})
+    assert np.array_equal(first[0], together[0])
+    assert len({image.tobytes() for image in together}) > 1  # not one image eight times
+
+
 def test_output_type_tokens_and_the_token_twin(tiny_engines):
     generator = Generator(tiny_engines.engine_dir, backend="onnxruntime-cpu", batch_size=2)
     calls = []

@@ -9,17 +9,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
 from movq_deploy import manifest as mf
-from movq_deploy.contract import PRIOR_GRAPHS
+from movq_deploy.contract import GUIDED_PRIOR, PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir, Grid
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
-from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
+from movq_deploy.export.quantize_images import (
+    ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph, run_batched,
+)
+from movq_deploy.export.quantize_prior import prior_states
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import TOLERANCE, VALIDATION_BATCHES, compare_graphs, format_table, summary, validate_fp32
 from movq_deploy.models.checkpoint import load_models
@@ -44,16 +48,20 @@ def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
 
 
 def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.ModelProto, dict]":
-    """Quantized from the fp32 graph (its intermediate files in a scratch folder), and compared with it: the prior
-    dynamically, the encoder and decoder statically, calibrated on `images` and compared on their held-out part."""
+    """Quantized from the fp32 graph (its intermediate files in a scratch folder), calibrated on `images`, and
+    compared with it: the encoder and decoder on the held-out images, the prior-step graphs on the validation
+    inputs. The prior's calibration states are the token grids of the images (from the fp32 encoder graph)."""
     fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
     with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
         if spec.name not in PRIOR_GRAPHS:
             figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
             return onnx.load(str(path)), figures
-        fusions = quantize_int8(spec, fp32_path, path, Path(scratch))
+        grids = run_batched(work / "encoder.onnx", "image", images.calibration)
+        calibration = prior_states(grids, images.calibration_labels, spec.module.step.prior.config,
+                                   guided=spec.name == GUIDED_PRIOR, rng=np.random.default_rng(0))
+        quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration)
     agreement = compare_graphs(spec, fp32_path, path)
-    return onnx.load(str(path)), {**agreement, "fusions": fusions}
+    return onnx.load(str(path)), {**agreement, **quantization}
 
 
 # precision -> (writer, the file name's infix, what its figures compare with); each precision makes every graph of
@@ -124,7 +132,8 @@ def export_engine_dir(
     """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written.
 
     `steps` is the sampling default recorded in the manifest; None follows the paper (`paper_steps`). int8: the
-    dynamic int8 prior and the static int8 encoder and decoder, calibrated on `calibration_data` (an image folder;
+    int8 prior-step graphs, encoder and decoder, with static activation scales calibrated on `calibration_data`
+    (the prior on the images' token grids; an image folder;
     default: the data the tokenizer was trained on, else scikit-image's photographs). `guidance_scale` is the
     classifier-free guidance default recorded in the manifest (class-conditional priors only; 0 = unguided)."""
     if steps is not None and steps <= 0:

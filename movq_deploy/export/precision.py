@@ -1,5 +1,5 @@
 """Reduced-precision graphs: fp16 (norms, softmax and the sampling tail kept in fp32) and the int8 prior (ONNX
-Runtime's dynamic quantization)."""
+Runtime's int8 kernels with activation scales fixed at export)."""
 from __future__ import annotations
 
 import warnings
@@ -9,6 +9,7 @@ import onnx
 
 from movq_deploy.contract import PRIOR_GRAPHS
 from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops
+from movq_deploy.export.quantize_prior import activation_ranges, freeze_activation_scales
 from movq_deploy.export.specs import ExportError, GraphSpec, io_shapes
 
 # Kept in fp32 in the fp16 graphs (besides the nodes after the last Conv / after "logits / temperature" and the
@@ -141,11 +142,10 @@ def _remove_cast_round_trips(model: onnx.ModelProto) -> None:
             model.graph.node.remove(node)
 
 
-def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -> dict:
-    """prior.int8.onnx: ONNX Runtime's BERT fusions, quant_pre_process, then dynamic int8 quantization of the
-    weights (per channel). The result holds com.microsoft ops: it is an ONNX Runtime (CPU) graph, not a TensorRT
-    one. Returns the fused-operator counts."""
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+def prepare_int8_prior(spec: GraphSpec, fp32_path: Path, scratch: Path) -> "tuple[Path, dict]":
+    """ONNX Runtime's BERT fusions and quant_pre_process of the fp32 prior-step graph: (the prepared fp32 graph,
+    the fused-operator counts)."""
+    from onnxruntime.quantization import quant_pre_process
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -163,10 +163,28 @@ def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path) -
         fusions = {op: count for op, count in fused.get_fused_operator_statistics().items() if count}
         fused.save_model_to_file(str(fused_path))
         quant_pre_process(str(fused_path), str(prepared_path))
-        quantize_dynamic(str(prepared_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
-    model = onnx.load(str(path))
+    return prepared_path, fusions
+
+
+def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path, calibration: dict) -> dict:
+    """prior.int8.onnx (or prior_guided.int8.onnx): ONNX Runtime's BERT fusions, quant_pre_process, int8 weights
+    (per channel) and QAttention / u8s8 GEMMs from quantize_dynamic, then activation scales fixed from the
+    prior-step states `calibration` (movq_deploy.export.quantize_prior), so each image's outputs are independent of
+    its batchmates. The result holds com.microsoft ops: it is an ONNX Runtime (CPU) graph, not a TensorRT one.
+    Returns the fused-operator counts and the calibration's size."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    prepared_path, fusions = prepare_int8_prior(spec, fp32_path, scratch)
+    dynamic_path = scratch / f"{spec.name}.dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(prepared_path), str(dynamic_path), weight_type=QuantType.QInt8, per_channel=True)
+    model = onnx.load(str(dynamic_path))
+    activations = {node.input[0] for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"}
+    frozen = freeze_activation_scales(model, activation_ranges(prepared_path, calibration, activations, scratch))
+    onnx.save(model, str(path))
     bad = forbidden_ops(model)
     if bad:
         raise ExportError(f"{path.name} holds ops TensorRT cannot run: {', '.join(bad)}")
     onnx.checker.check_model(model)
-    return fusions
+    return {"fusions": fusions, "static_activation_scales": frozen, "calibration_states": len(calibration["tokens"])}

@@ -57,11 +57,14 @@ class ImageQuantConfig:
 
 @dataclass
 class ImageSets:
-    """uint8 [n, S, S, 3] training crops (calibration) and held-out crops (agreement), and where they came from."""
+    """uint8 [n, S, S, 3] training crops (calibration) and held-out crops (agreement), where they came from, and
+    the crops' class labels (int [n]; the int8 prior's calibration states carry them)."""
 
     calibration: np.ndarray
     held_out: np.ndarray
     source: str
+    calibration_labels: Optional[np.ndarray] = None
+    held_out_labels: Optional[np.ndarray] = None
 
 
 def load_image_sets(image_size: int, count: int, data_dir: "str | Path | None" = None,
@@ -77,8 +80,9 @@ def load_image_sets(image_size: int, count: int, data_dir: "str | Path | None" =
         data_dir = source if usable else None
     data = load_data(data_dir, image_size)
     crops = data.train_set(seed=12345)
-    calibration = np.stack([crops.crop(i)[0] for i in range(count)])
-    return ImageSets(calibration, data.eval_set().arrays()[0], data.source)
+    calibration, labels = zip(*(crops.crop(i) for i in range(count)))
+    held_out, held_out_labels = data.eval_set().arrays()
+    return ImageSets(np.stack(calibration), held_out, data.source, np.asarray(labels), np.asarray(held_out_labels))
 
 
 class ArrayReader:

@@ -66,7 +66,7 @@ def test_graphs_are_clean_with_a_dynamic_batch_and_typed_boundaries(exported):
 
 
 def test_validation_figures_are_recorded_and_within_tolerance(exported):
-    _, manifest, lines = exported
+    out, manifest, lines = exported
     fp32 = manifest["validation"]["fp32"]
     assert fp32["decoder"]["max_pixel_error"] <= 1 and fp32["decoder"]["fraction_off"] <= 0.01
     assert fp32["encoder"]["mismatches"] == 0 and fp32["prior"]["token_mismatches"] == 0
@@ -79,6 +79,10 @@ def test_validation_figures_are_recorded_and_within_tolerance(exported):
         assert fp16[prior]["top_token_agreement"] > 0.9 and 0.0 < int8[prior]["top_token_agreement"] <= 1.0
         fusions = int8[prior]["fusions"]  # the BERT fusions applied, but not the slower SkipLayerNormalization
         assert fusions.get("Attention", 0) > 0 and fusions.get("SkipLayerNormalization", 0) == 0
+        # Activation scales fixed at export: none left to compute per call.
+        assert int8[prior]["static_activation_scales"] > 0 and int8[prior]["calibration_states"] > 0
+        graph = onnx.load(str(out / manifest["graphs"]["int8"][prior]["file"]))
+        assert not [node for node in graph.graph.node if node.op_type == "DynamicQuantizeLinear"]
     assert manifest["validation"]["batch_sizes"] == [1, 3]
     table = "\n".join(lines)
     assert "| prior | fp32 | PyTorch |" in table and "| prior | int8 | fp32 ONNX |" in table
