@@ -1,7 +1,7 @@
 """int8 prior-step graphs, three ways: agreement with fp32, step time, and batch independence.
 
     python benchmarks/int8_prior_static.py [--engine-dir engines/ [--ckpt PATH] | --config paper]
-                                           [--methods percentile] [--activations uint8] [--skip-agreement]
+                                           [--methods percentile|none] [--activations uint8] [--skip-agreement]
                                            [--batch-sizes 1,16,64] [--rounds 5] [--budget-s 0.3] [--out results/]
 
 From the same fp32 prior-step graphs (prior, and prior_guided for a class-conditional prior):
@@ -39,7 +39,7 @@ from benchmarks.machine import load_average, machine_info  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.timing import time_calls  # noqa: E402
 from movq_deploy import contract  # noqa: E402
-from movq_deploy.export.quantize_prior import FeedsReader, prior_states, take  # noqa: E402
+from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, FeedsReader, prior_states, take  # noqa: E402
 
 METHODS = ("minmax", "percentile", "entropy")
 ACTIVATIONS = ("uint8", "int8")
@@ -47,20 +47,19 @@ INDEPENDENCE_BATCH = 8
 
 
 def quantize_static_prior(fp32_path: Path, path: Path, calibration: dict, method: str, activation: str,
-                          scratch: Path, fp32_logits: bool = False, fuse: bool = True) -> int:
-    """The static int8 prior-step graph of fp32_path; returns how many MatMuls it quantized."""
+                          scratch: Path) -> None:
+    """quantize_static's QDQ graph of the prior-step graph fp32_path (after the BERT fusions but Attention):
+    per-channel int8 weights of the MatMuls with a constant weight, their outputs left in fp32."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     from movq_deploy.export.precision import fp16_tail
 
-    prepared, source = scratch / f"{path.stem}.prepared.onnx", fp32_path
+    fused, prepared = scratch / f"{path.stem}.fused.onnx", scratch / f"{path.stem}.prepared.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if fuse:
-            source = scratch / f"{path.stem}.fused.onnx"
-            fuse_without_attention(fp32_path, source)
-        quant_pre_process(str(source), str(prepared))
+        fuse_without_attention(fp32_path, fused)
+        quant_pre_process(str(fused), str(prepared))
     model = onnx.load(str(prepared))
     for index, node in enumerate(model.graph.node):  # nodes_to_exclude selects by name
         node.name = node.name or f"{node.op_type}_{index}"
@@ -69,8 +68,6 @@ def quantize_static_prior(fp32_path: Path, path: Path, calibration: dict, method
     weights = {tensor.name for tensor in model.graph.initializer}
     tail += [node.name for node in model.graph.node  # activation x activation (attention scores and mix): fp32
              if node.op_type == "MatMul" and node.input[1] not in weights]
-    if fp32_logits:  # the head's MatMul (the last one) too
-        tail.append([node.name for node in model.graph.node if node.op_type == "MatMul"][-1])
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
     with warnings.catch_warnings():
@@ -80,14 +77,11 @@ def quantize_static_prior(fp32_path: Path, path: Path, calibration: dict, method
             op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
             nodes_to_exclude=tail, calibrate_method=calibrate,
+            # Requantizing the MatMul outputs (QLinearMatMul) cost 3 points of agreement on the digits prior.
             extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                           "WeightSymmetric": True,
-                           "ActivationSymmetric": activation == "int8"},
+                           "WeightSymmetric": True, "ActivationSymmetric": activation == "int8"},
         )
-    quantized = onnx.load(str(path))
-    onnx.checker.check_model(quantized)
-    return sum(node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized")
-               for node in quantized.graph.node)
+    onnx.checker.check_model(onnx.load(str(path)))
 
 
 def fuse_without_attention(fp32_path: Path, path: Path) -> None:
@@ -271,7 +265,8 @@ def report_lines(command: str, subject: str, results: dict, loads) -> "list[str]
 def parse_list(text: str, allowed=None, cast=str) -> list:
     values = [cast(v) for v in text.split(",") if v]
     if not values or (allowed and any(v not in allowed for v in values)):
-        raise ValueError(f"{text!r}: expected a comma-separated list" + (f" of {', '.join(allowed)}" if allowed else ""))
+        of = f" of {', '.join(allowed)}" if allowed else ""
+        raise ValueError(f"{text!r}: expected a comma-separated list{of}")
     return values
 
 
@@ -281,9 +276,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--ckpt", help="its checkpoint (default: the one its manifest names, beside it)")
     parser.add_argument("--config", choices=["paper"], help="the paper-size prior with random weights (speed only)")
     parser.add_argument("--methods", default="percentile",
-                        help=f"quantize_static (QDQ) calibrations to compare, comma-separated of {', '.join(METHODS)}")
+                        help=f"quantize_static (QDQ) calibrations to compare, comma-separated of {', '.join(METHODS)}, "
+                             "or none (at paper size its calibration outgrew 24 GB)")
     parser.add_argument("--activations", default="uint8", help=f"comma-separated of {', '.join(ACTIVATIONS)}")
-    parser.add_argument("--calibration-images", type=int, default=64)
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_GRIDS,
+                        help="training crops whose token grids calibrate (default: as the export)")
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-agreement", action="store_true", help="no top-token agreement (random weights)")
@@ -291,7 +288,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     try:
-        args.methods = parse_list(args.methods, METHODS)
+        args.methods = [] if args.methods == "none" else parse_list(args.methods, METHODS)
         args.activations = parse_list(args.activations, ACTIVATIONS)
         args.batch_sizes = parse_list(args.batch_sizes, cast=int)
     except ValueError as error:

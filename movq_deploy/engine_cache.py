@@ -28,8 +28,8 @@ from movq_deploy.files import sha256_file
 from movq_deploy.manifest import EngineDir
 
 # An engine directory turns every graph it has (EngineDir.graph_names: prior_guided too, when present) into an
-# engine, from its fp32 or fp16 ONNX graphs. The "int8" graphs are ONNX Runtime dynamic quantization
-# (MatMulInteger), which TensorRT does not parse.
+# engine, from its fp32 or fp16 ONNX graphs. The "int8" prior-step graphs hold ONNX Runtime's own int8
+# ops (QAttention, MatMulIntegerToFloat), which TensorRT does not parse.
 ENGINE_PRECISIONS = ("fp32", "fp16")
 # The builder's timing cache, kept in the engine directory so that rebuilds and re-exports reuse it.
 TIMING_CACHE_NAME = "tensorrt.timing-cache"

@@ -15,8 +15,8 @@ by export/build_trt.py ("engines"); read by the runtime. torch-free. Layout
 
 A class-conditional export also lists the "prior_guided" graph (classifier-free guidance) at every precision, and
 its engines; directories exported before it lack it (EngineDir.graph_names says which graphs a directory has).
-precision is "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs, the dynamic int8 prior and the static int8
-encoder and decoder; directories exported before those list the prior only, and use the fp32 encoder and decoder).
+precision is "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs with activation scales fixed at export: the
+prior-step graphs, encoder and decoder; directories exported before those list the prior only, and use the fp32 encoder and decoder).
 A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
 for the dynamic axis)}, as movq_deploy.contract names them. "validation" holds the errors measured at export (fp32
 against PyTorch, fp16 and int8 against the fp32 graph; the int8 encoder's "index_agreement" and decoder's

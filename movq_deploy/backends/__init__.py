@@ -33,7 +33,7 @@ _ORT_INSTALL = "pip install .[cpu] (or .[gpu])"
 class Backend:
     name: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu"
     reason: str  # why this backend was chosen (and why the better ones were not)
-    precision: str  # "fp32" | "fp16" | "int8" (ONNX Runtime CPU graphs: dynamic int8 prior, static int8 images)
+    precision: str  # "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs, fixed activation scales)
     runners: Dict[str, Runner]  # {"encoder", "decoder", "prior"}
 
 

@@ -23,7 +23,7 @@ from movq_deploy.export.precision import convert_fp16, quantize_int8
 from movq_deploy.export.quantize_images import (
     ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph, run_batched,
 )
-from movq_deploy.export.quantize_prior import prior_states
+from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, prior_states
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import TOLERANCE, VALIDATION_BATCHES, compare_graphs, format_table, summary, validate_fp32
 from movq_deploy.models.checkpoint import load_models
@@ -56,9 +56,10 @@ def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.M
         if spec.name not in PRIOR_GRAPHS:
             figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
             return onnx.load(str(path)), figures
-        grids = run_batched(work / "encoder.onnx", "image", images.calibration)
-        calibration = prior_states(grids, images.calibration_labels, spec.module.step.prior.config,
-                                   guided=spec.name == GUIDED_PRIOR, rng=np.random.default_rng(0))
+        crops, labels = images.calibration[:CALIBRATION_GRIDS], images.calibration_labels[:CALIBRATION_GRIDS]
+        calibration = prior_states(run_batched(work / "encoder.onnx", "image", crops), labels,
+                                   spec.module.step.prior.config, guided=spec.name == GUIDED_PRIOR,
+                                   rng=np.random.default_rng(0))
         quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration)
     agreement = compare_graphs(spec, fp32_path, path)
     return onnx.load(str(path)), {**agreement, **quantization}

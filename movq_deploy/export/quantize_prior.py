@@ -5,12 +5,12 @@ would change with the images that share its batch. Here the dynamic graph keeps 
 Q/K/V, u8s8 GEMMs) but every DynamicQuantizeLinear becomes a QuantizeLinear with a fixed scale and zero point, and
 each MatMulInteger -> Cast -> Mul(scales) becomes one MatMulIntegerToFloat: a row's outputs depend on that row only.
 
-Calibration states: the tokenizer's training crops, encoded by the fp32 encoder graph to token grids, each masked
-at every step of a CALIBRATION_STEPS-step cosine schedule (all masked first), with the crops' class labels (a fifth
-of the rows the null class) for a class-conditional prior and guidance scales 0/1/3 for the guided graph. The
-activation ranges are the min/max that ONNX Runtime's calibrator sees on the fp32 graph for them. (Its
-quantize_static in QDQ form was measured too: more agreement, but 10-17% slower, without the fused attention;
-BENCHMARKS.md, "int8 prior: static activation scales".)
+Calibration states: CALIBRATION_GRIDS of the tokenizer's training crops, encoded by the fp32 encoder graph to token
+grids, each masked at every step of a CALIBRATION_STEPS-step cosine schedule (all masked first), with the crops'
+class labels (a fifth of the rows the null class) for a class-conditional prior and guidance scales 0/1/3 for the
+guided graph. The activation ranges are the min/max that ONNX Runtime's calibrator sees on the fp32 graph for them. (Its
+quantize_static in QDQ form was measured too: more agreement, but 15-19% slower at batch 16 without the fused
+attention; BENCHMARKS.md, "int8 prior: static activation scales".)
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from movq_deploy import contract, sampling
 from movq_deploy.export.specs import ExportError
 
 CALIBRATION_STEPS = 12  # mask ratios cos(pi/2 * t/12), t = 0..11: the paper's longest schedule
+# Token grids (training crops) calibrated on: 192 states. The digits prior's agreement is the same from 4 to 64
+# crops (BENCHMARKS.md), and at paper size each state costs a fp32 step.
+CALIBRATION_GRIDS = 16
 GUIDANCE_SCALES = (0.0, 1.0, 3.0)
 NULL_CLASS_SHARE = 0.2
 
@@ -52,7 +55,8 @@ def prior_states(grids: np.ndarray, labels: np.ndarray, prior_config, guided: bo
     class_labels = None
     if prior_config.conditional:
         class_labels = np.asarray(labels, dtype=np.int32)[rows]
-        null = (class_labels < 0) | (class_labels >= prior_config.num_classes) | (rng.random(len(tokens)) < NULL_CLASS_SHARE)
+        unknown = (class_labels < 0) | (class_labels >= prior_config.num_classes)
+        null = unknown | (rng.random(len(tokens)) < NULL_CLASS_SHARE)
         class_labels[null] = prior_config.num_classes
     feeds = contract.prior_step_feeds(tokens, class_labels, rng.random(tokens.shape, dtype=np.float32),
                                       rng.gumbel(size=tokens.shape), 1.0, np.asarray(scales))
