@@ -39,7 +39,9 @@ from benchmarks.machine import load_average, machine_info  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.timing import time_calls  # noqa: E402
 from movq_deploy import contract  # noqa: E402
-from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, FeedsReader, prior_states, take  # noqa: E402
+from movq_deploy.export.quantize_prior import (  # noqa: E402
+    CALIBRATION_GRIDS, FeedsReader, prior_states, take, top_token_agreement,
+)
 
 METHODS = ("minmax", "percentile", "entropy")
 ACTIVATIONS = ("uint8", "int8")
@@ -96,21 +98,6 @@ def fuse_without_attention(fp32_path: Path, path: Path) -> None:
     fused = optimize_model(str(fp32_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                            optimization_options=options)
     fused.save_model_to_file(str(path))
-
-
-def top_token_agreement(reference, candidate, feeds: dict, mask_id: int, batch: int = 64) -> float:
-    """Share of masked slots whose argmax draw (temperature 1e-4) is the same in both sessions."""
-    cold = {**feeds, "temperature": np.full_like(feeds["temperature"], 1e-4)}
-    rows = len(cold["tokens"])
-    same = total = 0
-    for start in range(0, rows, batch):
-        chunk = take(cold, slice(start, start + batch))
-        ref = reference.run(["sampled"], chunk)[0]
-        out = candidate.run(["sampled"], chunk)[0]
-        masked = chunk["tokens"] == mask_id
-        same += int((ref[masked] == out[masked]).sum())
-        total += int(masked.sum())
-    return same / total
 
 
 def batch_independence(session, feeds: dict) -> dict:

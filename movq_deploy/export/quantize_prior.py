@@ -152,3 +152,18 @@ def freeze_activation_scales(model: onnx.ModelProto, ranges: "dict[str, tuple]")
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return frozen
+
+
+def top_token_agreement(reference, candidate, feeds: dict, mask_id: int, batch: int = 64) -> float:
+    """Share of masked slots whose argmax draw (temperature 1e-4) is the same in both sessions."""
+    cold = {**feeds, "temperature": np.full_like(feeds["temperature"], 1e-4)}
+    rows = len(cold["tokens"])
+    same = total = 0
+    for start in range(0, rows, batch):
+        chunk = take(cold, slice(start, start + batch))
+        ref = reference.run(["sampled"], chunk)[0]
+        out = candidate.run(["sampled"], chunk)[0]
+        masked = chunk["tokens"] == mask_id
+        same += int((ref[masked] == out[masked]).sum())
+        total += int(masked.sum())
+    return same / total

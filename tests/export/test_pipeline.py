@@ -81,6 +81,7 @@ def test_validation_figures_are_recorded_and_within_tolerance(exported):
         assert fusions.get("Attention", 0) > 0 and fusions.get("SkipLayerNormalization", 0) == 0
         # Activation scales fixed at export: none left to compute per call.
         assert int8[prior]["static_activation_scales"] > 0 and int8[prior]["calibration_states"] > 0
+        assert 0.0 < int8[prior]["held_out_top_token_agreement"] <= 1.0  # real token grids, not random tokens
         graph = onnx.load(str(out / manifest["graphs"]["int8"][prior]["file"]))
         assert not [node for node in graph.graph.node if node.op_type == "DynamicQuantizeLinear"]
     assert manifest["validation"]["batch_sizes"] == [1, 3]
