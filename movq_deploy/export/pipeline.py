@@ -49,27 +49,30 @@ def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
     return model, compare_graphs(spec, fp32_path, path)
 
 
+def _prior_states(spec: GraphSpec, work: Path, crops, labels, seed: int) -> dict:
+    """Prior-step states of the first CALIBRATION_GRIDS `crops`: their token grids (fp32 encoder graph) masked
+    along the sampling schedule (movq_deploy.export.quantize_prior)."""
+    grids = run_batched(work / "encoder.onnx", "image", crops[:CALIBRATION_GRIDS])
+    return prior_states(grids, labels[:CALIBRATION_GRIDS], spec.module.step.prior.config,
+                        guided=spec.name == GUIDED_PRIOR, rng=np.random.default_rng(seed))
+
+
 def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.ModelProto, dict]":
     """Quantized from the fp32 graph (its intermediate files in a scratch folder), calibrated on `images`, and
     compared with it: the encoder and decoder on the held-out images, the prior-step graphs on the validation
-    inputs. The prior's calibration states are the token grids of the images (from the fp32 encoder graph)."""
+    inputs and on states of the held-out images (the random validation tokens are few and unlike real grids)."""
     fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
     with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
         if spec.name not in PRIOR_GRAPHS:
             figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
             return onnx.load(str(path)), figures
-        crops, labels = images.calibration[:CALIBRATION_GRIDS], images.calibration_labels[:CALIBRATION_GRIDS]
-        calibration = prior_states(run_batched(work / "encoder.onnx", "image", crops), labels,
-                                   spec.module.step.prior.config, guided=spec.name == GUIDED_PRIOR,
-                                   rng=np.random.default_rng(0))
+        calibration = _prior_states(spec, work, images.calibration, images.calibration_labels, seed=0)
         quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration)
     agreement = compare_graphs(spec, fp32_path, path)
-    # The validation inputs are random tokens, and few (worst of batches 1 and 3): measure real states too.
-    crops, labels = images.held_out[:CALIBRATION_GRIDS], images.held_out_labels[:CALIBRATION_GRIDS]
-    held_out = prior_states(run_batched(work / "encoder.onnx", "image", crops), labels, spec.module.step.prior.config,
-                            guided=spec.name == GUIDED_PRIOR, rng=np.random.default_rng(1))
-    agreement["held_out_top_token_agreement"] = top_token_agreement(
-        cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id)
+    if len(images.held_out):
+        held_out = _prior_states(spec, work, images.held_out, images.held_out_labels, seed=1)
+        agreement["held_out_top_token_agreement"] = top_token_agreement(
+            cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id)
     return onnx.load(str(path)), {**agreement, **quantization}
 
 
