@@ -1,5 +1,4 @@
 """A folder of images: cached file index (reused until the folder changes), lazy decoding, held-out split."""
-import json
 import os
 
 import numpy as np
