@@ -1,5 +1,5 @@
-"""torch.onnx export of one GraphSpec, and the structural checks every exported graph passes (opset, forbidden ops,
-I/O names and shapes, onnx.checker, shape inference)."""
+"""torch.onnx export of one GraphSpec, the structural checks every exported graph passes (opset, forbidden ops,
+I/O names and shapes, onnx.checker, shape inference), and the producer / consumer maps the graph rewrites walk."""
 from __future__ import annotations
 
 import logging
@@ -97,3 +97,17 @@ def finalize_graph(spec: GraphSpec, path: Path, shapes: "dict[str, tuple]") -> o
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return model
+
+
+def producers(model: onnx.ModelProto) -> "dict[str, onnx.NodeProto]":
+    """{tensor name: the node that writes it} over the model's top-level graph."""
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def consumers(model: onnx.ModelProto) -> "dict[str, list[onnx.NodeProto]]":
+    """{tensor name: the nodes that read it, in graph order} over the model's top-level graph."""
+    readers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from movq_deploy.contract import PRIOR_GRAPHS
-from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops
+from movq_deploy.export.onnx_graph import finalize_graph, forbidden_ops, producers
 from movq_deploy.export.quantize_prior import activation_ranges, freeze_activation_scales
 from movq_deploy.export.specs import ExportError, GraphSpec, io_shapes
 
@@ -32,7 +32,7 @@ def _downstream_nodes(model: onnx.ModelProto, tensors: "set[str]") -> "list[str]
 
 def _upstream_nodes(model: onnx.ModelProto, op_types: "set[str]") -> "list[str]":
     """Names of the nodes of `op_types` and of every node they depend on."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producers(model)
     pending = [node for node in model.graph.node if node.op_type in op_types]
     names: "set[str]" = set()
     while pending:
@@ -108,7 +108,7 @@ def _remove_cast_round_trips(model: onnx.ModelProto) -> None:
     inferred = onnx.shape_inference.infer_shapes(model)
     dtypes = {v.name: v.type.tensor_type.elem_type
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producers(model)
     outputs = {v.name for v in model.graph.output}
 
     def cast_to(node, dtype) -> bool:

@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
+from movq_deploy.export.onnx_graph import consumers
 from movq_deploy.export.specs import ExportError
 from movq_deploy.export.validation import cpu_session
 
@@ -108,14 +109,6 @@ def run_batched(path: Path, input_name: str, array: np.ndarray, batch: int = 16)
                            for i in range(0, len(array), batch)])
 
 
-def _consumers(model: onnx.ModelProto) -> "dict[str, list]":
-    consumers: dict = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return consumers
-
-
 def fp32_nodes(name: str, model: onnx.ModelProto, config: ImageQuantConfig) -> "list[str]":
     """Names of the Conv/MatMul nodes of graph `name` ("encoder" or "decoder") that stay fp32 (see the module doc).
 
@@ -130,9 +123,9 @@ def fp32_nodes(name: str, model: onnx.ModelProto, config: ImageQuantConfig) -> "
     keep = {node.name for node in nodes[first_kept:] if node.op_type in QUANTIZED_OPS}
     if name == "decoder" and config.fp32_zq_convs:
         lookup = next(node for node in nodes if node.op_type == "Gather")  # the codebook lookup: z_q
-        consumers, frontier, seen = _consumers(model), list(lookup.output), set()
+        readers, frontier, seen = consumers(model), list(lookup.output), set()
         while frontier:
-            for node in consumers.get(frontier.pop(), []):
+            for node in readers.get(frontier.pop(), []):
                 if node.name in seen:
                     continue
                 seen.add(node.name)

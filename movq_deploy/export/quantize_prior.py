@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from movq_deploy import contract, sampling
+from movq_deploy.export.onnx_graph import consumers, producers
 from movq_deploy.export.specs import ExportError
 
 CALIBRATION_STEPS = 12  # mask ratios cos(pi/2 * t/12), t = 0..11: the paper's longest schedule
@@ -129,15 +130,11 @@ def freeze_activation_scales(model: onnx.ModelProto, ranges: "dict[str, tuple]")
         del node.output[1:]
         node.input.extend([scale_name, zero_name])
         frozen += 1
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, readers = producers(model), consumers(model)
     fused = []
     for node in [n for n in model.graph.node if n.op_type == "MatMulInteger"]:
-        cast = consumers[node.output[0]][0]
-        mul = consumers[cast.output[0]][0]
+        cast = readers[node.output[0]][0]
+        mul = readers[cast.output[0]][0]
         scales = producer[mul.input[1]]  # Mul(a_scale, b_scale)
         if cast.op_type != "Cast" or mul.op_type != "Mul" or scales.op_type != "Mul":
             raise ExportError(f"unexpected int8 MatMul pattern after {node.name}: {cast.op_type}, {mul.op_type}")
