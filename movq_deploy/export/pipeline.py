@@ -20,9 +20,7 @@ from movq_deploy.manifest import EngineDir, Grid
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
-from movq_deploy.export.quantize_images import (
-    ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph, run_batched,
-)
+from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
 from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, prior_states, top_token_agreement
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import (
@@ -49,12 +47,13 @@ def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
     return model, compare_graphs(spec, fp32_path, path)
 
 
-def _prior_states(spec: GraphSpec, work: Path, crops, labels, seed: int) -> dict:
-    """Prior-step states of the first CALIBRATION_GRIDS `crops`: their token grids (fp32 encoder graph) masked
-    along the sampling schedule (movq_deploy.export.quantize_prior)."""
-    grids = run_batched(work / "encoder.onnx", "image", crops[:CALIBRATION_GRIDS])
-    return prior_states(grids, labels[:CALIBRATION_GRIDS], spec.module.step.prior.config,
-                        guided=spec.name == GUIDED_PRIOR, rng=np.random.default_rng(seed))
+def _prior_states(spec: GraphSpec, work: Path, images: ImageSets, part: str, seed: int) -> dict:
+    """Prior-step states of the first CALIBRATION_GRIDS crops of `part` ("calibration" or "held_out"): their token
+    grids (fp32 encoder graph) masked along the sampling schedule (movq_deploy.export.quantize_prior)."""
+    grids = images.token_grids(work / "encoder.onnx", part)[:CALIBRATION_GRIDS]
+    labels = getattr(images, f"{part}_labels")[:CALIBRATION_GRIDS]
+    return prior_states(grids, labels, spec.module.step.prior.config, guided=spec.name == GUIDED_PRIOR,
+                        rng=np.random.default_rng(seed))
 
 
 def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.ModelProto, dict]":
@@ -66,11 +65,11 @@ def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.M
         if spec.name not in PRIOR_GRAPHS:
             figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
             return onnx.load(str(path)), figures
-        calibration = _prior_states(spec, work, images.calibration, images.calibration_labels, seed=0)
+        calibration = _prior_states(spec, work, images, "calibration", seed=0)
         quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration)
     agreement = compare_graphs(spec, fp32_path, path)
     if len(images.held_out):
-        held_out = _prior_states(spec, work, images.held_out, images.held_out_labels, seed=1)
+        held_out = _prior_states(spec, work, images, "held_out", seed=1)
         agreement["held_out_top_token_agreement"] = top_token_agreement(
             cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id)
     return onnx.load(str(path)), {**agreement, **quantization}

@@ -20,7 +20,7 @@ QDQ graphs too, but the package's TensorRT path builds from the fp16 graphs.)
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -66,6 +66,15 @@ class ImageSets:
     source: str
     calibration_labels: Optional[np.ndarray] = None
     held_out_labels: Optional[np.ndarray] = None
+    _grids: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def token_grids(self, encoder_path: Path, part: str) -> np.ndarray:
+        """int32 [n, h, w, c]: the token grids of `part` ("calibration" or "held_out") by the fp32 encoder graph at
+        `encoder_path`, computed once: the int8 decoder and both int8 prior graphs calibrate and compare on them."""
+        key = (str(encoder_path), part)
+        if key not in self._grids:
+            self._grids[key] = run_batched(encoder_path, "image", getattr(self, part))
+        return self._grids[key]
 
 
 def load_image_sets(image_size: int, count: int, data_dir: "str | Path | None" = None,
@@ -199,13 +208,13 @@ def quantize_image_graph(name: str, work: Path, images: ImageSets, config: Image
     token grids come from work/encoder.onnx). Returns its agreement figures on the held-out data, and
     "quantization": how it was made (calibration, the nodes kept fp32)."""
     train = images.calibration[:config.calibration_images]
-    held_out_tokens = run_batched(work / "encoder.onnx", "image", images.held_out)  # (n, h, w, c)
+    held_out_tokens = images.token_grids(work / "encoder.onnx", "held_out")  # (n, h, w, c)
     fp32_path, path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
     if name == "encoder":
         keep = quantize_graph(name, fp32_path, path, train, config, scratch)
         agreement = encoder_agreement(held_out_tokens, path, images.held_out)
     else:
-        tokens = run_batched(work / "encoder.onnx", "image", train)  # the token grids of the calibration crops
+        tokens = images.token_grids(work / "encoder.onnx", "calibration")[:len(train)]  # of the calibration crops
         keep = quantize_graph(name, fp32_path, path, tokens, config, scratch)
         agreement = decoder_agreement(fp32_path, path, held_out_tokens)
     return {**agreement, "quantization": {**asdict(config), "calibration_images": len(train),
