@@ -131,7 +131,7 @@ def trained_subject(engine_dir: Path, ckpt: "str | None", calibration_images: in
     """(prior-step specs, calibration and held-out (token grids, labels)) of a trained engine directory: its fp32
     prior-step graphs copied to `work`, the grids the tokenizer's data encoded by its fp32 encoder graph."""
     from benchmarks.subject import resolve_ckpt
-    from movq_deploy.export.quantize_images import load_image_sets, run_batched
+    from movq_deploy.export.quantize_images import load_image_sets
     from movq_deploy.export.specs import graph_specs
     from movq_deploy.manifest import EngineDir
     from movq_deploy.models.checkpoint import load_models
@@ -142,12 +142,9 @@ def trained_subject(engine_dir: Path, ckpt: "str | None", calibration_images: in
     for name in specs:
         (work / f"{name}.onnx").write_bytes((engine_dir / f"{name}.onnx").read_bytes())
     images = load_image_sets(engines.image_size, calibration_images, record=loaded.get("record"))
-
-    def grids(array):
-        return run_batched(engine_dir / "encoder.onnx", "image", array)
-
-    return specs, (grids(images.calibration), images.calibration_labels), (grids(images.held_out),
-                                                                          images.held_out_labels)
+    encoder = engine_dir / "encoder.onnx"
+    return specs, (images.token_grids(encoder, "calibration"), images.calibration_labels), \
+        (images.token_grids(encoder, "held_out"), images.held_out_labels)
 
 
 def paper_subject(calibration_images: int, work: Path):
