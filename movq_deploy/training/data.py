@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from movq_deploy.training.folder import TRAIN_SCALE, FolderData, is_images_split, load_index, to_tensor
 from movq_deploy.training.shards import ShardData, is_shard_spec
+from movq_deploy.training.source import DataSource
 from movq_deploy.training.digits import SOURCE as DIGITS_SOURCE
 from movq_deploy.training.digits import DigitsData
 
@@ -71,7 +72,7 @@ def _read_rgb(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-class ImageData:
+class ImageData(DataSource):
     """A loaded collection of pictures and its train / held-out split.
 
     `train_set(seed, length)` -> RandomCrops; `eval_set()` -> HeldOutCrops; `class_names`; `summary()`.
@@ -132,14 +133,8 @@ class ImageData:
     def eval_set(self) -> "HeldOutCrops":
         return HeldOutCrops(self)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def summary(self) -> dict:
-        return {"source": self.source, "split": self.split, "image_size": self.image_size,
-                "train_pictures": len(self.train_pictures), "eval_crops": len(self.eval_set()),
-                "class_names": list(self.class_names)}
+    def sizes(self) -> dict:
+        return {"train_pictures": len(self.train_pictures), "eval_crops": len(self.eval_set())}
 
 
 class RandomCrops(Dataset):

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from movq_deploy.training.folder import to_tensor
+from movq_deploy.training.source import DataSource
 
 SOURCE = "sklearn:digits"
 HELD_OUT_FRACTION = 0.1
@@ -49,8 +50,8 @@ def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-class DigitsData:
-    """The digits and their split, with the interface of movq_deploy.training.data.ImageData."""
+class DigitsData(DataSource):
+    """The digits and their split, a DataSource (movq_deploy.training.source)."""
 
     split = "digits"
     source = SOURCE
@@ -79,14 +80,8 @@ class DigitsData:
     def eval_set(self) -> "HeldOutDigits":
         return HeldOutDigits(self)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def summary(self) -> dict:
-        return {"source": self.source, "split": self.split, "image_size": self.image_size,
-                "train_pictures": len(self.train_images), "eval_crops": len(self.eval_images),
-                "class_names": list(self.class_names)}
+    def sizes(self) -> dict:
+        return {"train_pictures": len(self.train_images), "eval_crops": len(self.eval_images)}
 
 
 class ShiftedDigits(Dataset):

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from movq_deploy.files import atomic_write_text
+from movq_deploy.training.source import DataSource
 
 INDEX_FORMAT = "movq-deploy-file-index-1"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -189,8 +190,8 @@ class HeldOutFiles(Dataset):
         return self._arrays
 
 
-class FolderData:
-    """The data interface of `data.ImageData` (train_set, eval_set, class_names, summary) over a file index."""
+class FolderData(DataSource):
+    """A DataSource (movq_deploy.training.source) over a file index."""
 
     split = "images"
 
@@ -211,14 +212,8 @@ class FolderData:
             self._eval_set = HeldOutFiles(self.index.root, list(files), list(labels), self.image_size)
         return self._eval_set
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def summary(self) -> dict:
-        return {"source": self.source, "split": self.split, "image_size": self.image_size,
-                "train_pictures": len(self.train_files), "eval_crops": len(self.eval_files),
-                "class_names": list(self.class_names)}
+    def sizes(self) -> dict:
+        return {"train_pictures": len(self.train_files), "eval_crops": len(self.eval_files)}
 
 
 def hold_out(files: list[str], labels: list[int]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:

@@ -22,6 +22,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from movq_deploy.training.folder import TRAIN_SCALE, read_resized, to_tensor
+from movq_deploy.training.source import DataSource
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 EVAL_LIMIT = 512
@@ -102,8 +103,8 @@ class ShardHeldOut:
         return len(self.arrays()[0])
 
 
-class ShardData:
-    """The data interface of data.ImageData over tar shards."""
+class ShardData(DataSource):
+    """A DataSource (movq_deploy.training.source) over tar shards."""
 
     split = "shards"
 
@@ -120,14 +121,8 @@ class ShardData:
     def eval_set(self) -> ShardHeldOut:
         return self._eval_set
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def summary(self) -> dict:
-        return {"source": self.source, "split": self.split, "image_size": self.image_size,
-                "train_shards": len(self.urls) - 1, "eval_crops": len(self._eval_set),
-                "class_names": list(self.class_names)}
+    def sizes(self) -> dict:
+        return {"train_shards": len(self.urls) - 1, "eval_crops": len(self._eval_set)}
 
 
 def shard_batches(dataset: ShardCrops, batch_size: int, rank: int, start_step: int, workers: int,
