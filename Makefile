@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[cpu,train,dev,serve,ui]"
+	$(PY) -m pip install -q -e ".[cpu,openvino,train,dev,serve,ui]"
 	touch $@
 
 demo: install

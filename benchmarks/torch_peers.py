@@ -15,13 +15,19 @@ from movq_deploy.models.reference import TorchRunner, prior_step_runner
 EAGER, COMPILE = "pytorch-eager", "torch-compile"  # the peers' backend names in benchmark rows
 
 
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # a peer's precision -> torch.autocast
+
+
 class TorchPeer:
     """Encoder, decoder and prior-step graphs in PyTorch, `mode` "eager" or "compile" (torch.compile, dynamic
-    shapes so that one compilation serves every batch size)."""
+    shapes so that one compilation serves every batch size), at `precision` "fp32", "bf16" (torch.autocast: what
+    a CPU user with bf16 hardware would try first) or "fp16" (CUDA)."""
 
     def __init__(self, movq, prior, mode: str = "eager", device: str = "cpu", precision: str = "fp32"):
         if mode not in ("eager", "compile"):
             raise ValueError(f"mode must be 'eager' or 'compile', got {mode!r}")
+        if precision not in AUTOCAST:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {precision!r}")
         if precision == "fp16" and device == "cpu":
             raise ValueError("fp16 PyTorch peers run on CUDA only (CPU fp16 matmuls are not a path anyone deploys)")
         self.name = EAGER if mode == "eager" else COMPILE
@@ -30,11 +36,11 @@ class TorchPeer:
         for name, module in modules.items():
             module = module.to(device).eval()
             modules[name] = torch.compile(module, dynamic=True) if mode == "compile" else module
-        fp16 = precision == "fp16"
+        dtype = AUTOCAST[precision]
         self.runners = {
-            "encoder": TorchRunner(modules["encoder"], ["image"], ["indices"], device, fp16),
-            "decoder": TorchRunner(modules["decoder"], ["indices"], ["image"], device, fp16),
-            "prior": prior_step_runner(modules["prior"], device, fp16),
+            "encoder": TorchRunner(modules["encoder"], ["image"], ["indices"], device, dtype),
+            "decoder": TorchRunner(modules["decoder"], ["indices"], ["image"], device, dtype),
+            "prior": prior_step_runner(modules["prior"], device, dtype),
         }
 
 

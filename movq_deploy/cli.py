@@ -97,6 +97,8 @@ def info(args: argparse.Namespace) -> int:
     engine_dir = generator.engine_dir
     print(f"engine dir    {engine_dir.path}")
     print(f"backend       {generator.backend_name} ({generator.precision}): {generator.backend_reason}")
+    if generator.placement:
+        print(f"placement     {', '.join(f'{graph} on {where}' for graph, where in generator.placement.items())}")
     print(f"images        {generator.image_size}x{generator.image_size}, tokens {'x'.join(map(str, generator.grid))}"
           f" from {generator.codebook_size} codes")
     print(f"classes       {generator.num_classes or 'unconditional'}")

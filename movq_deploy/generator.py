@@ -36,17 +36,21 @@ Output = Union[List[Image.Image], np.ndarray]
 class Generator:
     """Samples, encodes, decodes and edits images with the graphs or engines of an engine directory.
 
-    backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider, else
-    ONNX Runtime on the CPU), or one of "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu".
-    precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime), "fp32", "fp16" or "int8" (int8 prior,
-    encoder and decoder: ONNX Runtime on the CPU).
+    backend: "auto" (TensorRT engines when present and usable, else ONNX Runtime with the CUDA provider, else the
+    CPU, where each graph runs on ONNX Runtime or OpenVINO by movq_deploy.backends.cpu_choice's rule), or one of
+    "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino".
+    precision: "auto" (fp16 on TensorRT, fp32 on ONNX Runtime CUDA; on the CPU bf16 where the CPU has it, the graph
+    was validated in bf16 and is large enough to gain, else fp32), "fp32", "fp16" (GPU), "bf16" (OpenVINO on a CPU
+    with native bf16) or "int8" (int8 prior, encoder and decoder on the CPU: OpenVINO's graphs or ONNX Runtime's).
+    `placement` says where each graph runs, `backend_reason` why.
     batch_size: the most images per engine call (default: 64 for the prior step and 16 for the encoder and decoder,
     or the engines' largest batch when that is smaller).
     threads: ONNX Runtime's intra-op threads (default: the physical cores). shared_pool=True puts the three graphs
     on ONNX Runtime's process-wide thread pool, with spinning workers (faster for small batches on cores of its own,
     slower on a busy machine: BENCHMARKS.md). It
     is a setting of the whole process, taken once: every Generator of the process asking for it must use the same
-    `threads`. Both are ignored on TensorRT.
+    `threads`. Both are ignored on TensorRT. cache_dir: where OpenVINO caches its compiled models (default:
+    `<engine dir>.openvino-cache` beside the engine directory), so that the next start does not compile again.
     `with Generator(dir) as gen:` frees the engines' memory at the end of the block (or call `close()`).
     """
 
@@ -58,16 +62,18 @@ class Generator:
         batch_size: Optional[int] = None,
         threads: Optional[int] = None,
         shared_pool: bool = False,
+        cache_dir: "str | os.PathLike[str] | None" = None,
     ):
         for name, value in (("batch_size", batch_size), ("threads", threads)):
             if value is not None and not (sampling.is_int(value) and value > 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.engine_dir = engine_dir if isinstance(engine_dir, EngineDir) else EngineDir.load(engine_dir)
         self.backend = open_runners(self.engine_dir, backend=backend, precision=precision, threads=threads,
-                                    shared_pool=bool(shared_pool))
+                                    shared_pool=bool(shared_pool), cache_dir=cache_dir)
         self.backend_name = self.backend.name
         self.backend_reason = self.backend.reason
         self.precision = self.backend.precision
+        self.placement = self.backend.placement  # graph -> backend and precision (the CPU paths; empty on GPUs)
         runners = self.backend.runners
         for name in self.engine_dir.graph_names:  # a graph from another export or another version is refused here
             expected = contract.graph_io(name, self.image_size, self.grid, conditional=self.num_classes > 0)

@@ -15,8 +15,11 @@ by export/build_trt.py ("engines"); read by the runtime. torch-free. Layout
 
 A class-conditional export also lists the "prior_guided" graph (classifier-free guidance) at every precision, and
 its engines; directories exported before it lack it (EngineDir.graph_names says which graphs a directory has).
-precision is "fp32" | "fp16" | "int8" (int8: ONNX Runtime CPU graphs with activation scales fixed at export: the
-prior-step graphs, encoder and decoder; directories exported before those list the prior only, and use the fp32 encoder and decoder).
+precision is "fp32" | "fp16" | "int8" | "int8-openvino" (int8: ONNX Runtime CPU graphs with activation scales fixed
+at export: the prior-step graphs, encoder and decoder; directories exported before those list the prior only, and
+use the fp32 encoder and decoder; int8-openvino: NNCF's int8 graphs for OpenVINO, OpenVINO IR whose entry holds a
+"weights" entry for the .bin). The fp32 entries carry "flops_per_image"; "validation" also holds "bf16" (OpenVINO's
+bf16 of the fp32 graphs, which has no file of its own), read by movq_deploy.backends.cpu_choice.
 A graph's "inputs"/"outputs" are lists of {"name", "dtype" (numpy dtype name), "shape" (ints, "batch"
 for the dynamic axis)}, as movq_deploy.contract names them. "validation" holds the errors measured at export (fp32
 against PyTorch, fp16 and int8 against the fp32 graph; the int8 encoder's "index_agreement" and decoder's
@@ -214,10 +217,13 @@ class EngineDir:
 
 
 def verify_file(directory: "str | os.PathLike[str]", entry: dict) -> Path:
-    """Checks that the file named by a manifest entry ({"file", "sha256", ...}) exists and is unaltered.
+    """Checks that the file named by a manifest entry ({"file", "sha256", ...}) exists and is unaltered, and so is
+    the entry's "weights" file where it has one (OpenVINO IR: the .xml's .bin).
 
     Returns its path. Raises FileNotFoundError (missing) or ValueError (sha256 mismatch), naming the file.
     """
+    if "weights" in entry:
+        verify_file(directory, entry["weights"])
     path = Path(directory) / entry["file"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} listed in {MANIFEST_NAME} is missing")

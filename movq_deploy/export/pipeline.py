@@ -17,7 +17,10 @@ import torch
 from movq_deploy import manifest as mf
 from movq_deploy.contract import GUIDED_PRIOR, PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir, Grid
+from movq_deploy.backends.cpu_choice import OPENVINO_INT8
+from movq_deploy.export import openvino_graphs
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
+from movq_deploy.export.flops import flops_per_image
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
 from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
@@ -101,11 +104,51 @@ def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[st
                 inputs=tensor_specs(model.graph.input), outputs=tensor_specs(model.graph.output))
             log(f"{name:8s} {precision}  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
                 f"{compared}: {summary(figures)}")
-    agreement = validation.get("int8", {}).get("prior", {}).get("held_out_top_token_agreement", 1.0)
-    if agreement < 0.95:
-        log(f"warning: the int8 prior's most likely token agrees with fp32 on only {agreement:.1%} of held-out "
-            f"masked slots (target 95%)")
+    for name in specs:  # what one image costs in each graph: the runtime's CPU choice reads it
+        graphs["fp32"][name]["flops_per_image"] = flops_per_image(specs[name])
+    if images is not None:
+        _openvino_graphs(specs, work, "int8" in precisions, log, images, graphs, validation)
+    for key in ("int8", OPENVINO_INT8):
+        agreement = validation.get(key, {}).get("prior", {}).get("held_out_top_token_agreement", 1.0)
+        if agreement < 0.95:
+            log(f"warning: the {key} prior's most likely token agrees with fp32 on only {agreement:.1%} of held-out "
+                f"masked slots (target 95%)")
     return graphs, validation
+
+
+def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log: Callable[[str], None],
+                     images: ImageSets, graphs: dict, validation: dict) -> None:
+    """Where openvino (and nncf) are installed: the bf16 validation of every graph and, with `int8`, OpenVINO's
+    int8 graphs (movq_deploy.export.openvino_graphs), into `graphs` and `validation`."""
+    def states(spec, part, seed):
+        if spec.name in PRIOR_GRAPHS and (part == "calibration" or len(images.held_out)):
+            return _prior_states(spec, work, images, part, seed)
+        return None
+
+    why_not = openvino_graphs.bf16_unavailable()
+    if why_not:
+        log(f"bf16 not validated: {why_not} (the CPU choice gives bf16 only to validated graphs)")
+    for name, spec in specs.items():
+        if why_not:
+            break
+        tick = time.perf_counter()
+        figures = openvino_graphs.bf16_validation(spec, work, images, states(spec, "held_out", seed=1))
+        validation.setdefault("bf16", {})[name] = figures
+        log(f"{name:8s} bf16   OpenVINO, {time.perf_counter() - tick:6.1f} s  vs fp32: {summary(figures)}")
+    why_not = openvino_graphs.int8_unavailable() if int8 else "--int8 not given"
+    if int8 and why_not:
+        log(f"no OpenVINO int8 graphs: {why_not}")
+    for name, spec in specs.items():
+        if why_not or name not in openvino_graphs.INT8_GRAPHS:
+            continue
+        tick = time.perf_counter()
+        xml, weights, figures = openvino_graphs.quantize_for_openvino(
+            spec, work, images, states(spec, "calibration", seed=0), states(spec, "held_out", seed=1))
+        validation.setdefault(OPENVINO_INT8, {})[name] = figures
+        graphs.setdefault(OPENVINO_INT8, {})[name] = mf.file_entry(
+            work, xml, weights=mf.file_entry(work, weights), format="openvino-ir",
+            inputs=graphs["fp32"][name]["inputs"], outputs=graphs["fp32"][name]["outputs"])
+        log(f"{name:8s} int8   OpenVINO (NNCF), {time.perf_counter() - tick:6.1f} s  vs fp32: {summary(figures)}")
 
 
 def paper_steps(conditional: bool) -> int:
@@ -162,8 +205,11 @@ def export_engine_dir(
     work = make_work_dir(out)
     try:
         precisions = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8
+        # Training crops and held-out crops: the int8 calibration and every agreement on held-out data (int8, and
+        # bf16 where it can be validated here)
+        needs_images = int8 or openvino_graphs.bf16_unavailable() is None
         images = load_image_sets(movq.config.image_size, ImageQuantConfig.calibration_images, calibration_data,
-                                 ckpt.get("record")) if int8 else None
+                                 ckpt.get("record")) if needs_images else None
         graphs, validation = write_graphs(specs, work, precisions, log, images)
         defaults = SamplingDefaults(steps=steps, guidance_scale=guidance_scale)
         engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, defaults, graphs, validation,

@@ -183,17 +183,24 @@ def quantize_graph(name: str, fp32_path: Path, path: Path, calibration: np.ndarr
 def decoder_agreement(fp32_path: Path, int8_path: Path, tokens: np.ndarray) -> dict:
     """PSNR (dB, over all pixels, and of the worst image) and pixel errors of the int8 decoder's images against the
     fp32 decoder's, on token grids `tokens` [n, h, w, c]."""
-    reference = run_batched(fp32_path, "indices", tokens).astype(np.float64)
-    candidate = run_batched(int8_path, "indices", tokens).astype(np.float64)
+    reference = run_batched(fp32_path, "indices", tokens)
+    candidate = run_batched(int8_path, "indices", tokens)
+    return {**psnr_figures(reference, candidate), "images": len(tokens)}
+
+
+def psnr_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """PSNR (dB, over all pixels, and of the worst image) and pixel errors of uint8 images [n,H,W,3] `candidate`
+    against `reference`."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
     squared = (reference - candidate) ** 2
-    per_image = squared.reshape(len(tokens), -1).mean(axis=1)
+    per_image = squared.reshape(len(reference), -1).mean(axis=1)
 
     def psnr(mse: float) -> float:
         return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, float(10 * np.log10(255.0**2 / mse)))
 
     return {"psnr_db": psnr(float(squared.mean())), "worst_image_psnr_db": psnr(float(per_image.max())),
             "max_pixel_error": int(np.abs(reference - candidate).max()),
-            "mean_pixel_error": float(np.abs(reference - candidate).mean()), "images": len(tokens)}
+            "mean_pixel_error": float(np.abs(reference - candidate).mean())}
 
 
 def encoder_agreement(fp32_indices: np.ndarray, int8_path: Path, images: np.ndarray) -> dict:

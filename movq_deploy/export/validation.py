@@ -98,7 +98,14 @@ def _tolerance_failures(name: str, errors: dict) -> "list[str]":
 
 def compare_graphs(spec: GraphSpec, reference_path: Path, path: Path) -> dict:
     """Agreement of a reduced-precision graph with the fp32 graph (both ONNX Runtime CPU) on the fixed inputs."""
-    reference, candidate = cpu_session(reference_path), cpu_session(path)
+    return compare_with_fp32(spec, reference_path, cpu_session(path))
+
+
+def compare_with_fp32(spec: GraphSpec, reference_path: Path, candidate) -> dict:
+    """Agreement of `candidate` (anything with an ONNX Runtime session's `run(output names, feeds) -> list`) with
+    the fp32 graph at `reference_path` (ONNX Runtime CPU) on the fixed inputs: worst figures over
+    VALIDATION_BATCHES, and for the prior-step graphs the most likely token's agreement."""
+    reference = cpu_session(reference_path)
     rows = []
     for batch in VALIDATION_BATCHES:
         feeds = spec.make_inputs(batch, np.random.default_rng(1000 + batch))

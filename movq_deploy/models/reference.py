@@ -22,36 +22,46 @@ class TorchRunner:
     """A graph module behind a runner's `run(feeds) -> {name: array}`: numpy in, numpy out, inference mode.
 
     `argument_names` are the module's forward arguments in order; one missing from the feeds is passed as None
-    (class_labels of an unconditional prior). fp16 autocast on CUDA when asked (the benchmarks' fp16 peers).
+    (class_labels of an unconditional prior). `autocast`: a dtype to autocast to (torch.float16 on CUDA,
+    torch.bfloat16 on either device: the benchmarks' reduced-precision peers), None for fp32.
     """
 
     def __init__(self, module: torch.nn.Module, argument_names: Sequence[str], output_names: Sequence[str],
-                 device="cpu", autocast_fp16: bool = False):
+                 device="cpu", autocast: Optional[torch.dtype] = None):
         self.module = module
         self.argument_names = list(argument_names)
         self.output_names = list(output_names)
         self.device = torch.device(device)
-        self.autocast_fp16 = autocast_fp16
+        self.autocast = autocast
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         args = [None if feeds.get(name) is None else torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
                 for name in self.argument_names]
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast_fp16):
+        with torch.inference_mode(), autocast(self.device, self.autocast):
             outputs = self.module(*args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return {name: out.cpu().numpy() for name, out in zip(self.output_names, outputs)}
 
 
-def prior_step_runner(step: torch.nn.Module, device="cpu", autocast_fp16: bool = False,
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """torch.autocast to `dtype` on `device`'s type; a no-op context for dtype None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def prior_step_runner(step: torch.nn.Module, device="cpu", autocast: Optional[torch.dtype] = None,
                       guided: bool = False) -> TorchRunner:
     """PriorStepGraph (or its torch.compile'd module; GuidedPriorStepGraph with guided=True) behind `run(feeds)`,
     fed by movq_deploy.contract's names."""
     return TorchRunner(step, contract.prior_input_names(conditional=True, guided=guided), contract.PRIOR_OUTPUTS,
-                       device, autocast_fp16)
+                       device, autocast)
 
 
 class ReferenceSampler:
-    def __init__(self, movq: MoVQ, prior: Optional[MaskGITPrior] = None):
+    """Samples, encodes, decodes and edits with the exported graphs' torch modules. `autocast` (torch.bfloat16,
+    or torch.float16 on CUDA) runs them under torch.autocast: the reduced-precision peer of the benchmarks; the
+    ground truth is None, fp32."""
+
+    def __init__(self, movq: MoVQ, prior: Optional[MaskGITPrior] = None, autocast: Optional[torch.dtype] = None):
         if prior is not None:
             pc, mc = prior.config, movq.config
             if pc.grid != mc.grid or pc.codebook_size != mc.codebook_size:
@@ -65,10 +75,12 @@ class ReferenceSampler:
         conditional = prior is not None and prior.config.conditional
         self.guided_step = GuidedPriorStepGraph(self.prior).eval() if conditional else None
         self.device = next(movq.parameters()).device
+        self.autocast = autocast
         self._step_fn = None
         if prior is not None:
-            guided = None if self.guided_step is None else prior_step_runner(self.guided_step, self.device, guided=True)
-            self._step_fn = contract.runner_step_fn(prior_step_runner(self.prior_step, self.device),
+            guided = None if self.guided_step is None else prior_step_runner(self.guided_step, self.device, autocast,
+                                                                             guided=True)
+            self._step_fn = contract.runner_step_fn(prior_step_runner(self.prior_step, self.device, autocast),
                                                     guided_runner=guided)
 
     @property
@@ -100,8 +112,9 @@ class ReferenceSampler:
         size = self.movq.config.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"images must be uint8 [B,{size},{size},3], got {images.dtype} {images.shape}")
-        out = [self.encoder(torch.from_numpy(images[i:i + batch_size]).to(self.device)).cpu().numpy()
-               for i in range(0, len(images), batch_size)]
+        with autocast(self.device, self.autocast):
+            out = [self.encoder(torch.from_numpy(images[i:i + batch_size]).to(self.device)).cpu().numpy()
+                   for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, *self.grid), np.int32)
 
     @torch.no_grad()
@@ -109,8 +122,9 @@ class ReferenceSampler:
         """int [B,h,w,c] (or [B,N]) -> uint8 [B,H,W,3]."""
         indices = np.asarray(indices).reshape(-1, *self.grid).astype(np.int32)
         size = self.movq.config.image_size
-        out = [self.decoder(torch.from_numpy(indices[i:i + batch_size]).to(self.device)).cpu().numpy()
-               for i in range(0, len(indices), batch_size)]
+        with autocast(self.device, self.autocast):
+            out = [self.decoder(torch.from_numpy(indices[i:i + batch_size]).to(self.device)).cpu().numpy()
+                   for i in range(0, len(indices), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
     # ---- sampling and editing ------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_precision_picks_the_graphs(tiny_engines):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(backend="openvino"), ValueError, "backend must be one of"),
+    (dict(backend="tensorflow"), ValueError, "backend must be one of"),
     (dict(precision="fp8"), ValueError, "precision must be one of"),
 ])
 def test_bad_backend_arguments(tiny_engines, kwargs, error, words):

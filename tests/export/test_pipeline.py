@@ -11,9 +11,12 @@ import onnxruntime as ort
 import pytest
 
 from movq_deploy import manifest as mf
-from movq_deploy.export import validation
+from movq_deploy.export import openvino_graphs, validation
 from movq_deploy.export.pipeline import export_engine_dir
 from movq_deploy.export.specs import ExportError
+
+WITH_BF16 = openvino_graphs.bf16_unavailable() is None  # the export validates bf16 here
+WITH_NNCF = openvino_graphs.int8_unavailable() is None  # ... and makes OpenVINO's int8 graphs
 
 
 def _graph_files(manifest):
@@ -26,10 +29,14 @@ def test_engine_dir_holds_every_graph_and_a_verifiable_manifest(exported, class_
     assert json.loads((out / mf.MANIFEST_NAME).read_text()) == json.loads(json.dumps(manifest))
     assert manifest["format"] == mf.FORMAT and manifest["format_version"] == mf.FORMAT_VERSION == 2
     names = {entry["file"] for _, _, entry in _graph_files(manifest)}
-    assert names == {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
-                     "prior.fp16.onnx", "prior.int8.onnx", "encoder.int8.onnx",
-                     "decoder.int8.onnx", "prior_guided.onnx", "prior_guided.fp16.onnx", "prior_guided.int8.onnx"}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json"})
+    openvino_ir = {f"{graph}.int8-openvino.{ext}" for graph in openvino_graphs.INT8_GRAPHS for ext in ("xml", "bin")}
+    onnx_files = {"encoder.onnx", "decoder.onnx", "prior.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx",
+                  "prior.fp16.onnx", "prior.int8.onnx", "encoder.int8.onnx", "decoder.int8.onnx",
+                  "prior_guided.onnx", "prior_guided.fp16.onnx", "prior_guided.int8.onnx"}
+    assert names == onnx_files | ({name for name in openvino_ir if name.endswith(".xml")} if WITH_NNCF else set())
+    weights = {entry["weights"]["file"] for _, _, entry in _graph_files(manifest) if "weights" in entry}
+    assert weights == ({name for name in openvino_ir if name.endswith(".bin")} if WITH_NNCF else set())
+    assert sorted(p.name for p in out.iterdir()) == sorted(names | weights | {"manifest.json"})
     for _, _, entry in _graph_files(manifest):
         mf.verify_file(out, entry)
     assert mf.EngineDir.load(out).to_dict() == manifest
@@ -57,8 +64,8 @@ def test_graphs_are_clean_with_a_dynamic_batch_and_typed_boundaries(exported):
         inputs, outputs = expected[name]
         assert {t["name"]: (t["dtype"], t["shape"]) for t in entry["inputs"]} == inputs
         assert {t["name"]: (t["dtype"], t["shape"]) for t in entry["outputs"]} == outputs
-        if precision == "int8":
-            continue  # com.microsoft quantized ops: checked by ONNX Runtime below, not by the ONNX schemas
+        if precision in ("int8", "int8-openvino"):
+            continue  # com.microsoft quantized ops, OpenVINO IR: checked by their runtimes, not by the ONNX schemas
         model = onnx.load(str(out / entry["file"]))
         onnx.checker.check_model(model, full_check=True)
         assert entry["opset"] == 18 and {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
@@ -88,7 +95,39 @@ def test_validation_figures_are_recorded_and_within_tolerance(exported):
     table = "\n".join(lines)
     assert "| prior | fp32 | PyTorch |" in table and "| prior | int8 | fp32 ONNX |" in table
     assert "| prior_guided | fp32 | PyTorch |" in table
-    assert sum(line.startswith(("encoder ", "decoder ", "prior ", "prior_guided ")) for line in lines) == 12
+    graph_lines = 12 + 4 * WITH_BF16 + len(openvino_graphs.INT8_GRAPHS) * WITH_NNCF
+    assert sum(line.startswith(("encoder ", "decoder ", "prior ", "prior_guided ")) for line in lines) == graph_lines
+    assert all(entry["flops_per_image"] > 0 for entry in manifest["graphs"]["fp32"].values())
+    assert manifest["graphs"]["fp32"]["prior_guided"]["flops_per_image"] > manifest["graphs"]["fp32"]["prior"][
+        "flops_per_image"]  # two prior rows per image
+
+
+@pytest.mark.skipif(not WITH_BF16, reason=f"bf16 is validated where it runs: {openvino_graphs.bf16_unavailable()}")
+def test_bf16_is_validated_on_held_out_data(exported):
+    _, manifest, lines = exported
+    bf16 = manifest["validation"]["bf16"]
+    assert set(bf16) == {"encoder", "decoder", "prior", "prior_guided"}
+    assert 0.9 < bf16["encoder"]["index_agreement"] <= 1 and bf16["encoder"]["images"] > 0
+    assert bf16["decoder"]["psnr_db"] > 30 and bf16["decoder"]["images"] > 0
+    for prior in ("prior", "prior_guided"):
+        assert 0.9 < bf16[prior]["held_out_top_token_agreement"] <= 1
+        assert 0.9 < bf16[prior]["top_token_agreement"] <= 1  # the fixed validation inputs too
+    assert "| prior | bf16 | fp32 ONNX |" in "\n".join(lines)
+
+
+@pytest.mark.skipif(not WITH_NNCF, reason=f"no OpenVINO int8 graphs: {openvino_graphs.int8_unavailable()}")
+def test_openvino_int8_graphs_are_fixed_scale_ir_with_their_figures(exported):
+    out, manifest, _ = exported
+    graphs, figures = manifest["graphs"]["int8-openvino"], manifest["validation"]["int8-openvino"]
+    assert set(graphs) == set(figures) == set(openvino_graphs.INT8_GRAPHS)
+    for name, entry in graphs.items():
+        assert entry["format"] == "openvino-ir" and mf.verify_file(out, entry).suffix == ".xml"
+        assert entry["inputs"] == manifest["graphs"]["fp32"][name]["inputs"]
+        quantization = figures[name]["quantization"]
+        assert quantization["fake_quantize_ops"] > 0 and quantization["fp32_ops"] > 0  # fixed scales; fp32 ends
+    for prior in ("prior", "prior_guided"):
+        assert 0.0 < figures[prior]["held_out_top_token_agreement"] <= 1.0
+    assert 0.0 < figures["decoder"]["psnr_db"]
 
 
 def test_exported_graphs_run_at_an_unseen_batch_size(exported):
