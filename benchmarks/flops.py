@@ -1,11 +1,10 @@
-"""FLOPs of each stage: analytic for the prior (from its config), counted from the torch module for everything.
+"""The prior step's FLOPs, analytic from its config and by part (the torch count of every graph is
+movq_deploy.export.flops.counted_flops, which these are checked against).
 
 One multiply-add is 2 FLOPs. Only the dense work is counted (matmuls, convolutions, attention products): norms,
 softmax, the inverse-CDF draw and elementwise ops are memory-bound extras that the GEMM rate does not bound.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 
 def prior_step_flops(prior_config, batch: int = 1) -> dict:
@@ -28,18 +27,3 @@ def prior_step_flops(prior_config, batch: int = 1) -> dict:
     parts["head"] = batch * 2 * positions * width * cfg.c * cfg.codebook_size
     parts["total"] = sum(parts.values())
     return parts
-
-
-def counted_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of the torch ops that `fn` runs (matmul, convolution, attention), counted with torch's FlopCounterMode.
-
-    scaled_dot_product_attention is forced onto its math kernel while counting: the fused CPU kernel is not in the
-    counter's registry and would count as 0.
-    """
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())

@@ -1,72 +1,84 @@
-"""Latency of every stage on every backend this machine has, side by side with PyTorch.
+"""Latency of every stage on every backend this machine has, side by side with the peers a user would pick instead.
 
-    python benchmarks/latency.py [--engine-dir engines/] [--ckpt PATH] [--batch-sizes 1,16,64] [--steps 8]
-                                 [--out results/] [--budget-s S] [--config tiny|paper] [--quick]
+    python benchmarks/latency.py [--engine-dir engines/] [--ckpt PATH] [--config tiny|paper[,...]]
+                                 [--batch-sizes 1,16,64] [--steps 8] [--out results/] [--budget-s S] [--quick]
 
-For each backend available (TensorRT, ONNX Runtime CUDA, ONNX Runtime CPU; each precision the engine directory
-holds) and the PyTorch peers a user would otherwise pick (eager, torch.compile; same weights, same threads), at
-each batch size: one prior step, decode, encode, and a whole `sample` (all steps + decode). Each is warmed up, then
-repeated until a time budget; p50/p90/p99, images/s and the speed-up over PyTorch eager in the same run.
+Models: the engine directory (default: the first of engines/, runs/demo/engines) with the checkpoint it came from,
+and/or freshly initialized models of each `--config` size (random weights, exported to a temporary engine
+directory first), all in one run and one table.
 
-Against the physical limit: the dense FLOPs of each stage (prior analytic from its config, tokenizer counted from
-the torch module) and the achieved rate as a fraction of this machine's GEMM rate, measured in the same run.
-The loop's own overhead: the share of `Generator.sample` time spent outside engine calls.
+For each model, every package path this machine can open (ONNX Runtime fp32 and int8; OpenVINO fp32, bf16 and
+int8; "auto", the Generator's default choice; TensorRT and ONNX Runtime CUDA on a GPU), and every peer: PyTorch
+eager and torch.compile in fp32 and bf16 autocast (fp16 on CUDA), and OpenVINO called directly on the fp32 graphs
+in bf16 with no package runtime around it. At each batch size: one prior step, decode, encode, and a whole sample
+(all steps + decode: `Generator.sample` for the package, the reference sampler for eager, the same loop around the
+graphs for torch.compile and OpenVINO direct). Each is warmed up, then repeated until a time budget; the candidates
+take turns on each stage and batch, so a ratio compares timings taken minutes apart at most.
 
-Writes a Markdown table to stdout and latency.json (results, machine, library versions), latency.md and
-latency.png (latency against batch per backend) to --out. `--config tiny|paper` times freshly initialized models
-of that size instead of --engine-dir (exported to a temporary engine directory first); --quick is the short run
-`make demo` ends with (batch 1 and 16, short budget, no torch.compile).
+Against the physical limit: dense FLOPs of each stage over its p50, as a fraction of this machine's GEMM rate at
+the stage's precision (fp32, bf16, int8), measured in the same run. The loop's own overhead: the share of a
+Generator's sample outside engine calls. Agreement: each path's prior, most likely token, against the fp32 graph.
+
+Writes latency.json (results, machine, library versions), latency.md (the tables and targets) and latency.png to
+--out. --quick is the short run `make demo` ends with (batch 1 and 16, short budget, no torch.compile).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from movq_deploy.export.flops import counted_flops
 from movq_deploy.files import atomic_write_text
 from movq_deploy.generator import Generator
 from movq_deploy.manifest import EngineDir
 from movq_deploy.models.reference import ReferenceSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
-from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
+from benchmarks.flops import prior_step_flops  # noqa: E402
 from benchmarks.latency_report import STAGES, plot, report_markdown, title_of  # noqa: E402
-from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.latency_targets import cpu_path_targets, evaluate_targets  # noqa: E402
+from benchmarks.machine import gemm_rate, load_average, machine_info, reduced_precision_rates  # noqa: E402
+from benchmarks.openvino_peer import OPENVINO_DIRECT, direct_runners  # noqa: E402
 from benchmarks.subject import (  # noqa: E402
     CONFIGS, DEFAULT_ENGINE_DIRS, agreement_feeds, graph_of, load_subject, stage_feeds,
 )
 from benchmarks.timing import CallTimer, summarize, time_calls  # noqa: E402
-from benchmarks.latency_targets import evaluate_targets  # noqa: E402
-from benchmarks.torch_peers import EAGER, TorchPeer, loop_sample  # noqa: E402
+from benchmarks.torch_peers import AUTOCAST, EAGER, TorchPeer, loop_sample  # noqa: E402
 
-PRECISION_ORDER = ("fp32", "fp16", "int8")
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 # A stage whose predicted single call (its FLOPs at this fraction of the GEMM rate) exceeds --max-call-s is skipped.
 PREDICTION_EFFICIENCY = 0.5
+RATE_KEYS = {"fp32": "cpu_fp32_gflops", "bf16": "cpu_bf16_gflops", "int8": "cpu_int8_gops"}  # CPU precision -> rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine-dir",
-                        help=f"engine directory (default: the first of {', '.join(DEFAULT_ENGINE_DIRS)})")
+                        help=f"engine directory (default: the first of {', '.join(DEFAULT_ENGINE_DIRS)}, unless "
+                             f"--config alone is given)")
     parser.add_argument("--ckpt", help="weights for the PyTorch peers (default: the checkpoint the manifest names)")
-    parser.add_argument("--config", choices=sorted(CONFIGS),
-                        help="time freshly initialized models of this size instead of --engine-dir")
+    parser.add_argument("--config", help=f"also time freshly initialized models of these sizes ({', '.join(CONFIGS)}; "
+                                         f"comma-separated)")
     parser.add_argument("--batch-sizes", help="comma-separated (default 1,16,64; --quick 1,16)")
     parser.add_argument("--steps", type=int, default=8, help="MaskGIT steps of a whole sample (default 8)")
     parser.add_argument("--out", default="results", help="folder for latency.json/.md/.png (default results/)")
     parser.add_argument("--budget-s", type=float, help="timed seconds per measurement (default 1; --quick 0.2)")
     parser.add_argument("--max-call-s", type=float, default=30.0,
                         help="skip a measurement whose predicted single call exceeds this (default 30)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    parser.add_argument("--exports", help="folder where --config's fresh models are exported and kept, and reused "
+                                          "by the next run (default: a temporary folder)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers")
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 and 16, short budget, no torch.compile, short table (make demo)")
     args = parser.parse_args(argv)
@@ -82,8 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.budget_s = 0.2 if args.quick else 1.0
     if args.budget_s <= 0 or args.steps <= 0:
         parser.error("--budget-s and --steps must be positive")
-    if args.config and (args.engine_dir or args.ckpt):
-        parser.error("--config times fresh models: it takes no --engine-dir or --ckpt")
+    args.configs = [c for c in (args.config or "").split(",") if c]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--config must name {', '.join(CONFIGS)}; got {', '.join(unknown)}")
+    if args.ckpt and not (args.engine_dir or not args.configs):
+        parser.error("--ckpt goes with the engine directory's model, not with --config's fresh ones")
+    args.with_engine_dir = bool(args.engine_dir) or not args.configs
     args.compile = not (args.quick or args.no_compile)
     return args
 
@@ -109,21 +126,31 @@ def stage_flops(peer: TorchPeer, prior_config, engines: EngineDir, steps: int) -
 
 
 class Candidate:
-    """One backend/precision: its three runners and a `sample(n)`. For a Generator (`is_generator`), the runners
-    are the ones its sample calls, so timing them splits a sample into engine calls and the loop around them."""
+    """One path: its runners and a `sample(n)`. `kind` is "package" (a Generator: timing its runners splits a
+    sample into engine calls and the loop around them) or "peer". `compute` is each stage's precision, for the GEMM
+    rate it is held to."""
 
     def __init__(self, backend: str, precision: str, runners: dict, sample: Callable[[int], object],
-                 device: str, is_generator: bool = False):
+                 device: str, kind: str = "peer", compute: Optional[dict] = None, placement: str = ""):
         self.backend, self.precision, self.runners, self.sample = backend, precision, runners, sample
-        self.device = device
-        self.is_generator = is_generator
+        self.device, self.kind, self.placement = device, kind, placement
+        self.compute = compute or {stage: precision for stage in STAGES}
+
+    @property
+    def is_generator(self) -> bool:
+        return self.kind == "package"
 
 
 def runtime_candidates(engines: EngineDir, steps: int, max_batch: int, skipped: list) -> list:
-    """A Generator for every backend/precision pair the engine directory holds and this machine can open."""
+    """A Generator for every backend/precision pair the engine directory holds and this machine can open, and the
+    Generator's default choice ("auto")."""
     pairs = [("tensorrt", p) for p in PRECISION_ORDER if p in engines.engines]
-    for backend in ("onnxruntime-cuda", "onnxruntime-cpu"):
-        pairs += [(backend, p) for p in PRECISION_ORDER if p in engines.graphs]
+    pairs += [("onnxruntime-cuda", p) for p in ("fp32", "fp16", "int8") if p in engines.graphs]
+    pairs += [("onnxruntime-cpu", p) for p in ("fp32", "int8") if p in engines.graphs]
+    if importlib.util.find_spec("openvino") is not None:
+        pairs += [("openvino", "fp32"), ("openvino", "bf16")] + [("openvino", "int8")] * ("int8-openvino" in
+                                                                                         engines.graphs)
+    pairs.append(("auto", "auto"))
     candidates = []
     for backend, precision in pairs:
         try:
@@ -135,30 +162,43 @@ def runtime_candidates(engines: EngineDir, steps: int, max_batch: int, skipped: 
         def sample(n, generator=generator):
             return generator.sample(n=n, steps=steps, seed=0, output_type="np")
 
-        device = "cpu" if backend == "onnxruntime-cpu" else "cuda"
-        candidates.append(Candidate(backend, precision, generator.backend.runners, sample, device,
-                                    is_generator=True))
+        device = "cpu" if generator.placement else "cuda"  # the CPU paths say where each graph runs
+        compute = {stage: generator.placement[graph_of(stage)].precision for stage in STAGES[:3]} \
+            if generator.placement else None
+        if compute:
+            compute["sample"] = compute["prior_step"]
+        candidates.append(Candidate(backend, precision if backend != "auto" else generator.precision,
+                                    generator.backend.runners, sample, device, "package", compute,
+                                    placement=generator.backend_reason if backend == "auto" else ""))
     return candidates
 
 
-def torch_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: bool) -> list:
-    """PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop as the
-    Generator around the compiled graphs), fp32, plus fp16 autocast on CUDA."""
+def peer_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: bool, threads: int) -> list:
+    """The peers: PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop
+    as the Generator around the compiled graphs), fp32 and bf16 autocast (fp16 autocast on CUDA), and OpenVINO
+    called directly on the fp32 graphs in bf16 (CPU, where openvino is installed)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     movq, prior = movq.to(device), prior.to(device)
     grid, mask_id, num_classes = engines.grid.shape, engines.mask_id, engines.num_classes
-    reference = ReferenceSampler(movq, prior)
     candidates = []
-    for precision in ("fp32", "fp16") if device == "cuda" else ("fp32",):
+    for precision in ("fp32", "fp16") if device == "cuda" else ("fp32", "bf16"):
+        reference = ReferenceSampler(movq, prior, autocast=AUTOCAST[precision])
         for mode in ("eager", "compile") if with_compile else ("eager",):
             peer = TorchPeer(movq, prior, mode=mode, device=device, precision=precision)
-            if mode == "eager" and precision == "fp32":
-                def sample(n):
+            if mode == "eager":
+                def sample(n, reference=reference):
                     return reference.sample(n, steps=steps, seed=0, batch_size=n)
             else:
                 def sample(n, runners=peer.runners):
                     return loop_sample(runners, grid, mask_id, num_classes, n, steps)
             candidates.append(Candidate(peer.name, precision, peer.runners, sample, device))
+    if device == "cpu" and importlib.util.find_spec("openvino") is not None:
+        runners = direct_runners(engines, threads)
+
+        def sample(n, runners=runners):
+            return loop_sample(runners, grid, mask_id, num_classes, n, steps)
+
+        candidates.append(Candidate(OPENVINO_DIRECT, "bf16", runners, sample, "cpu"))
     return candidates
 
 
@@ -193,25 +233,32 @@ def time_stage(candidate: Candidate, stage: str, batch: int, engines: EngineDir,
     return summarize(times, batch)
 
 
-def run_benchmark(args, candidates, engines, flops, gemm, threads: int) -> list:
-    """Times every candidate's stages. The candidates take turns on each stage and batch size, so that a ratio
-    between two of them compares timings taken minutes apart at most; the GEMM rate is measured again before each
-    batch size and the best reading is the machine's rate (a single reading can catch a busy moment)."""
+def rate_of(gemm: dict, device: str, compute: str) -> float:
+    """The GEMM rate a stage computed at `compute` on `device` is held to (GFLOP/s or GOP/s)."""
+    if device == "cuda":
+        return gemm["gpu_fp16_gflops"]
+    return gemm.get(RATE_KEYS.get(compute, "cpu_fp32_gflops")) or gemm["cpu_fp32_gflops"]
+
+
+def run_benchmark(args, candidates, engines, flops, gemm, threads: int, model: str) -> list:
+    """Times every candidate's stages, in turns on each stage and batch size; the GEMM rates are measured again
+    before each batch size and the best reading is the machine's rate (a single reading can catch a busy moment)."""
     rows = []
     for batch in args.batch_sizes:
-        update_gemm(gemm, gemm_rate(threads, budget_s=0.4))
+        measure_gemm(gemm, threads, budget_s=0.4)
         for stage in STAGES:
             for candidate in candidates:
-                if candidate.precision == "int8" and stage in ("decode", "encode") and \
-                        engines.graph("int8", graph_of(stage)) is None:
+                if candidate.precision == "int8" and candidate.backend == "onnxruntime-cpu" and \
+                        stage in ("decode", "encode") and engines.graph("int8", graph_of(stage)) is None:
                     continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
-                row = {"backend": candidate.backend, "precision": candidate.precision, "device": candidate.device,
-                       "stage": stage, "batch": batch}
-                gemm_gflops = gemm["gpu_fp16_gflops"] if candidate.device == "cuda" else gemm["cpu_fp32_gflops"]
+                row = {"model": model, "backend": candidate.backend, "precision": candidate.precision,
+                       "device": candidate.device, "stage": stage, "batch": batch,
+                       "compute": candidate.compute[stage]}
                 stage_flops_total = flops["per_image"][stage] * batch
-                predicted_s = stage_flops_total / (gemm_gflops * 1e9 * PREDICTION_EFFICIENCY)
+                predicted_s = stage_flops_total / (rate_of(gemm, candidate.device, row["compute"]) * 1e9
+                                                   * PREDICTION_EFFICIENCY)
                 if predicted_s > args.max_call_s:
-                    row["skipped"] = (f"predicted {predicted_s:.0f} s per call > --max-call-s {args.max_call_s:g}")
+                    row["skipped"] = f"predicted {predicted_s:.0f} s per call > --max-call-s {args.max_call_s:g}"
                     rows.append(row)
                     continue
                 start = time.perf_counter()
@@ -226,99 +273,144 @@ def run_benchmark(args, candidates, engines, flops, gemm, threads: int) -> list:
                 row["warmup_s"] = max(0.0, elapsed - row["mean_ms"] * row["repeats"] / 1e3)
                 row["flops"] = stage_flops_total
                 rows.append(row)
-                print(f"  {candidate.backend:17s} {candidate.precision:5s} {stage:10s} batch {batch:3d}: "
-                    f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)")
-    update_gemm(gemm, gemm_rate(threads, budget_s=0.4))
+                print(f"  {model:10s} {candidate.backend:17s} {candidate.precision:9s} {stage:10s} batch {batch:3d}: "
+                      f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)", flush=True)
+    measure_gemm(gemm, threads, budget_s=0.4)
     for row in rows:
         if "p50_ms" in row:
-            gemm_gflops = gemm["gpu_fp16_gflops"] if row["device"] == "cuda" else gemm["cpu_fp32_gflops"]
             row["gflops_per_s"] = row["flops"] / (row["p50_ms"] / 1e3) / 1e9
-            row["gemm_fraction"] = row["gflops_per_s"] / gemm_gflops
+            row["gemm_fraction"] = row["gflops_per_s"] / rate_of(gemm, row["device"], row["compute"])
     add_speedups(rows)
     return rows
 
 
-def update_gemm(gemm: dict, reading: dict) -> None:
-    """Keeps the best of the GEMM readings in `gemm` and every reading in gemm["readings"]."""
-    gemm.setdefault("readings", []).append({k: v for k, v in reading.items() if k.endswith("gflops")})
+def measure_gemm(gemm: dict, threads: int, budget_s: float) -> None:
+    """Adds a reading of the fp32, bf16 and int8 GEMM rates to `gemm`, which keeps the best of each and every
+    reading in gemm["readings"]."""
+    reading = gemm_rate(threads, budget_s=budget_s)
+    if not torch.cuda.is_available():
+        reading.update(reduced_precision_rates(threads, budget_s=budget_s))
+    gemm.setdefault("readings", []).append({k: v for k, v in reading.items() if k.endswith(("gflops", "gops"))})
     for key, value in reading.items():
-        if key.endswith("gflops"):
+        if key.endswith(("gflops", "gops")) and value is not None:
             gemm[key] = max(gemm.get(key, 0.0), value)
 
 
 def add_speedups(rows: list) -> None:
-    """speedup_vs_eager = eager p50 / row p50, eager at the row's precision where timed, else eager fp32."""
-    eager = {(r["stage"], r["batch"], r["precision"]): r["p50_ms"] for r in rows
-             if r["backend"] == EAGER and "p50_ms" in r}
-    for row in rows:
-        if "p50_ms" not in row:
-            continue
-        base = eager.get((row["stage"], row["batch"], row["precision"]),
-                         eager.get((row["stage"], row["batch"], "fp32")))
-        if base is not None:
-            row["speedup_vs_eager"] = base / row["p50_ms"]
+    """speedup_vs_eager = eager fp32 p50 / row p50; speedup_vs_ort = ONNX Runtime fp32 p50 / row p50 (the package's
+    former default), within each model."""
+    for key, backend in (("speedup_vs_eager", EAGER), ("speedup_vs_ort", "onnxruntime-cpu")):
+        base = {(r["model"], r["stage"], r["batch"]): r["p50_ms"] for r in rows
+                if r["backend"] == backend and r["precision"] == "fp32" and "p50_ms" in r}
+        for row in rows:
+            reference = base.get((row["model"], row["stage"], row["batch"]))
+            if "p50_ms" in row and reference is not None:
+                row[key] = reference / row["p50_ms"]
 
 
-# ---- int8 agreement ----------------------------------------------------------------------------------
+# ---- agreement -----------------------------------------------------------------------------------------------
 
 
-def top_token_agreement(fp32_runner, int8_runner, engines: EngineDir, tokens: np.ndarray) -> float:
-    """Share of masked slots whose most likely token is the same in both priors (a temperature of 1e-4 makes the
-    inverse-CDF draw an argmax), over a half-decoded state built from real samples and the all-masked first step."""
+def top_token_agreements(candidates: list, engines: EngineDir, tokens: np.ndarray) -> dict:
+    """{"backend precision": share of masked slots whose most likely token (a temperature of 1e-4 makes the draw an
+    argmax) is the fp32 graph's}, over half-decoded states of real samples and the all-masked first step."""
+    reference = next(c for c in candidates if (c.backend, c.precision) in (("onnxruntime-cpu", "fp32"),
+                                                                          ("onnxruntime-cuda", "fp32")))
     feeds, masked = agreement_feeds(engines, tokens)
-    reference, candidate = fp32_runner.run(feeds)["sampled"], int8_runner.run(feeds)["sampled"]
-    return float((reference[masked] == candidate[masked]).mean())
+    want = reference.runners["prior"].run(feeds)["sampled"][masked]
+    agreements = {}
+    for candidate in candidates:
+        got = candidate.runners["prior"].run(feeds)["sampled"][masked]
+        agreements[f"{candidate.backend} {candidate.precision}"] = float((got == want).mean())
+    return agreements
+
+
+# ---- start-up ----------------------------------------------------------------------------------------------
+
+
+def startup_seconds(engines: EngineDir) -> dict:
+    """Seconds to open a Generator: ONNX Runtime fp32, and each OpenVINO precision the directory can run with an
+    empty model cache (cold: OpenVINO compiles) and then with it filled (warm: it loads the compiled blobs)."""
+    def opened(**kwargs) -> float:
+        start = time.perf_counter()
+        Generator(engines, **kwargs).close()
+        return round(time.perf_counter() - start, 2)
+
+    seconds = {"onnxruntime-cpu fp32": opened(backend="onnxruntime-cpu")}
+    if importlib.util.find_spec("openvino") is None:
+        return seconds
+    for precision in ("fp32", "bf16", "int8"):
+        with tempfile.TemporaryDirectory(prefix="movq-ov-cache-") as cache:
+            try:
+                cold = opened(backend="openvino", precision=precision, cache_dir=cache)
+            except (RuntimeError, ValueError, FileNotFoundError, ImportError):
+                continue  # not runnable here: runtime_candidates says why
+            seconds[f"openvino {precision}"] = {"cold": cold, "warm": opened(backend="openvino", precision=precision,
+                                                                             cache_dir=cache)}
+    return seconds
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Everything latency.json records but the command and the clock: the candidates timed, their rows, targets."""
-    with tempfile.TemporaryDirectory(prefix="movq-latency-") as workdir:
-        if args.config:
-            print(f"exporting freshly initialized {args.config} models to a temporary engine directory ...")
-        engines, ckpt, movq, prior = load_subject(args.config, args.engine_dir, args.ckpt, Path(workdir))
-        skipped: list = []
-        candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
-        # The PyTorch peers get the threads ONNX Runtime uses on the CPU, so both compete on equal terms.
-        cpu = next((c for c in candidates if c.backend == "onnxruntime-cpu"), None)
-        threads = (cpu.runners["prior"].session.get_session_options().intra_op_num_threads if cpu else 0)
-        threads = threads or torch.get_num_threads()
-        torch.set_num_threads(threads)
-        print(f"threads: {threads} (ONNX Runtime intra-op = torch.set_num_threads)")
-        candidates = torch_candidates(movq, prior, engines, args.steps, args.compile) + candidates
-
-        machine = machine_info()
-        gemm: dict = {}
-        update_gemm(gemm, gemm_rate(threads, budget_s=min(2.0, 4 * args.budget_s)))
-        flops = stage_flops(candidates[0], prior.config, engines, args.steps)
-        rows = run_benchmark(args, candidates, engines, flops, gemm, threads)
-        print(f"GEMM rate (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.1f} GFLOP/s fp32 CPU"
-            + (f", {gemm['gpu_fp16_gflops']:.0f} GFLOP/s fp16 GPU" if 'gpu_fp16_gflops' in gemm else ""))
-
-        int8_agreement = None
-        by_key = {(c.backend, c.precision): c for c in candidates}
-        if ("onnxruntime-cpu", "int8") in by_key and ("onnxruntime-cpu", "fp32") in by_key:
-            n = min(16, max(args.batch_sizes))
-            tokens = Generator(engines, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
-            int8_agreement = top_token_agreement(by_key["onnxruntime-cpu", "fp32"].runners["prior"],
-                                                 by_key["onnxruntime-cpu", "int8"].runners["prior"], engines, tokens)
-    machine["load_average_at_end"] = load_average()
+def measure_model(args, config: Optional[str], workdir: Path, gemm: dict, machine: dict) -> dict:
+    """One model's rows, FLOPs, agreements and targets."""
+    if config:
+        print(f"exporting freshly initialized {config} models to a temporary engine directory ...", flush=True)
+    engines, ckpt, movq, prior = load_subject(config, args.engine_dir, args.ckpt, workdir)
+    model = config or "checkpoint"
+    startup = startup_seconds(engines)
+    print(f"  {model}: Generator start-up (s): {startup}", flush=True)
+    skipped: list = []
+    candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
+    threads = machine["threads"]
+    candidates += peer_candidates(movq, prior, engines, args.steps, args.compile, threads)
+    flops = stage_flops(next(c for c in candidates if c.backend == EAGER), prior.config, engines, args.steps)
+    rows = run_benchmark(args, candidates, engines, flops, gemm, threads, model)
+    n = min(16, max(args.batch_sizes))
+    tokens = Generator(engines, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
+    agreements = top_token_agreements(candidates, engines, tokens)
+    for row in rows:
+        row["top_token_agreement"] = agreements.get(f"{row['backend']} {row['precision']}")
+    placement = next((c.placement for c in candidates if c.backend == "auto"), "")
     return {
-        "machine": machine,
-        "threads": threads,
-        "gemm": gemm,
-        "model": {"config": args.config or "checkpoint", "ckpt": None if args.config else str(ckpt),
-                  "engine_dir": None if args.config else str(engines.path), "tokenizer": engines.model["tokenizer"],
-                  "prior": engines.model["prior"], "grid": engines.to_dict()["grid"], "image_size": engines.image_size},
+        "name": model, "ckpt": None if config else str(ckpt), "engine_dir": None if config else str(engines.path),
+        "tokenizer": engines.model["tokenizer"], "prior": engines.model["prior"], "grid": engines.to_dict()["grid"],
+        "image_size": engines.image_size, "auto_placement": placement, "flops": flops, "startup_s": startup,
+        "skipped_backends": skipped, "results": rows, "top_token_agreement": agreements,
+        "targets": evaluate_targets(rows, agreements.get("onnxruntime-cpu int8"), args.batch_sizes,
+                                    engines.validation.get("int8")),
+    }
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Everything latency.json records but the command and the clock."""
+    # The PyTorch peers and OpenVINO get ONNX Runtime's intra-op threads, so all compete on equal terms.
+    from movq_deploy.backends.onnxruntime import physical_cores
+
+    threads = physical_cores() or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} (ONNX Runtime intra-op = OpenVINO = torch.set_num_threads)", flush=True)
+    machine = {**machine_info(), "threads": threads}
+    gemm: dict = {}
+    measure_gemm(gemm, threads, budget_s=min(2.0, 4 * args.budget_s))
+    models = []
+    with tempfile.TemporaryDirectory(prefix="movq-latency-") as workdir:
+        subjects = ([None] if args.with_engine_dir else []) + args.configs
+        for config in subjects:
+            folder = Path(args.exports or workdir) / (config or "checkpoint")
+            folder.mkdir(parents=True, exist_ok=True)
+            models.append(measure_model(args, config, folder, gemm, machine))
+    print(f"GEMM rates (best of {len(gemm['readings'])} readings): {gemm['cpu_fp32_gflops']:.0f} GFLOP/s fp32"
+          + (f", {gemm['cpu_bf16_gflops']:.0f} bf16" if gemm.get("cpu_bf16_gflops") else "")
+          + (f", {gemm['cpu_int8_gops']:.0f} GOP/s int8" if gemm.get("cpu_int8_gops") else ""), flush=True)
+    machine["load_average_at_end"] = load_average()
+    rows = [row for model in models for row in model["results"]]
+    return {
+        "machine": machine, "threads": threads, "gemm": gemm, "models": models, "results": rows,
         "settings": {"batch_sizes": args.batch_sizes, "steps": args.steps, "budget_s": args.budget_s,
                      "quick": args.quick, "torch_compile": args.compile},
-        "flops": flops,
-        "skipped_backends": skipped,
-        "results": rows,
-        "int8_top_token_agreement": int8_agreement,
-        "targets": evaluate_targets(rows, int8_agreement, args.batch_sizes, engines.validation.get("int8")),
+        "targets": cpu_path_targets(rows, args.batch_sizes),
     }
 
 

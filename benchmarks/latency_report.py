@@ -14,11 +14,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def results_table(rows: list) -> str:
-    lines = ["| stage | backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | GFLOP/s "
-             "| % GEMM | calls |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | stage | backend | precision | batch | p50 ms | p90 ms | p99 ms | images/s | x eager | GFLOP/s "
+             "| % GEMM | calls |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage in STAGES:
         for row in (r for r in rows if r["stage"] == stage):
-            head = f"| {stage} | {row['backend']} | {row['precision']} | {row['batch']} |"
+            head = f"| {row['model']} | {stage} | {row['backend']} | {row['precision']} | {row['batch']} |"
             if "skipped" in row:
                 lines.append(f"{head} skipped: {row['skipped']} |||||||")
                 continue
@@ -30,20 +30,23 @@ def results_table(rows: list) -> str:
 
 
 def summary_table(rows: list, batch_sizes: list) -> str:
-    """The short table: p50 of each stage and sample images/s per backend and batch."""
-    lines = ["| backend | precision | batch | prior step ms | decode ms | encode ms | sample ms | images/s "
-             "| x eager (sample) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows))
-    for backend, precision in keys:
+    """The table a user reads first: per model, every path and peer, p50 of each stage, sample images/s, the
+    speed-up over ONNX Runtime fp32 (the former default) and the prior's top-token agreement with fp32."""
+    lines = ["| model | backend | precision | batch | prior step ms | decode ms | encode ms | sample ms | images/s "
+             "| x ORT fp32 (sample) | top-token agreement |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = list(dict.fromkeys((r["model"], r["backend"], r["precision"]) for r in rows))
+    for model, backend, precision in keys:
         for batch in batch_sizes:
-            cell = {r["stage"]: r for r in rows
-                    if (r["backend"], r["precision"], r["batch"]) == (backend, precision, batch) and "p50_ms" in r}
+            cell = {r["stage"]: r for r in rows if (r["model"], r["backend"], r["precision"], r["batch"]) ==
+                    (model, backend, precision, batch) and "p50_ms" in r}
             if not cell:
                 continue
             sample = cell.get("sample", {})
+            agreement = next(iter(cell.values())).get("top_token_agreement")
             ms = [_fmt(cell.get(s, {}).get("p50_ms"), ".2f") for s in STAGES]
-            lines.append(f"| {backend} | {precision} | {batch} | {' | '.join(ms)} | "
-                         f"{_fmt(sample.get('images_per_s'), '.1f')} | {_fmt(sample.get('speedup_vs_eager'), '.2f')} |")
+            lines.append(f"| {model} | {backend} | {precision} | {batch} | {' | '.join(ms)} | "
+                         f"{_fmt(sample.get('images_per_s'), '.1f')} | {_fmt(sample.get('speedup_vs_ort'), '.2f')} | "
+                         f"{_fmt(agreement, '.1%')} |")
     return "\n".join(lines)
 
 
@@ -60,7 +63,7 @@ def targets_table(targets: list) -> str:
 
 
 def overhead_line(rows: list) -> str:
-    parts = [f"{r['backend']} {r['precision']} n={r['batch']}: {r['loop_overhead']:.1%}"
+    parts = [f"{r['model']} {r['backend']} {r['precision']} n={r['batch']}: {r['loop_overhead']:.1%}"
              for r in rows if r["stage"] == "sample" and "loop_overhead" in r]
     return "Loop overhead (share of Generator.sample outside engine calls): " + ("; ".join(parts) or "not measured")
 
@@ -73,12 +76,12 @@ def plot(rows: list, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(STAGES), figsize=(4.2 * len(STAGES), 3.8))
     for ax, stage in zip(axes, STAGES):
-        keys = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows if r["stage"] == stage))
-        for backend, precision in keys:
+        keys = list(dict.fromkeys((r["model"], r["backend"], r["precision"]) for r in rows if r["stage"] == stage))
+        for model, backend, precision in keys:
             points = sorted((r["batch"], r["p50_ms"]) for r in rows if "p50_ms" in r and r["stage"] == stage
-                            and (r["backend"], r["precision"]) == (backend, precision))
+                            and (r["model"], r["backend"], r["precision"]) == (model, backend, precision))
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{backend} {precision}")
+                ax.plot(*zip(*points), marker="o", label=f"{model} {backend} {precision}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch")
@@ -95,27 +98,45 @@ def plot(rows: list, path: Path, title: str) -> None:
 
 def title_of(report: dict) -> str:
     machine = report["machine"]
+    models = ", ".join(model["name"] for model in report["models"])
     return (f"{machine['cpu_model']}, {machine['cores']} cores{', ' + machine['gpus'][0] if machine['gpus'] else ''}"
-            f" - {report['model']['config']} model, {report['settings']['steps']} steps")
+            f" - {models} model(s), {report['settings']['steps']} steps")
+
+
+def rates_line(gemm: dict) -> str:
+    parts = [f"{gemm['cpu_fp32_gflops']:.0f} GFLOP/s fp32"]
+    if gemm.get("cpu_bf16_gflops"):
+        parts.append(f"{gemm['cpu_bf16_gflops']:.0f} GFLOP/s bf16")
+    if gemm.get("cpu_int8_gops"):
+        parts.append(f"{gemm['cpu_int8_gops']:.0f} GOP/s int8")
+    if gemm.get("gpu_fp16_gflops"):
+        parts.append(f"{gemm['gpu_fp16_gflops']:.0f} GFLOP/s fp16 GPU")
+    return "GEMM rates (best readings of the run): " + ", ".join(parts)
 
 
 def report_markdown(report: dict) -> str:
     """latency.md: the title, the command, the run's conditions, the tables and the backends left out."""
-    machine, gemm, rows = report["machine"], report["gemm"], report["results"]
-    settings = report["settings"]
+    machine, rows, settings = report["machine"], report["results"], report["settings"]
     start_load, end_load = ((machine[key] or [None])[0] for key in ("load_average_at_start", "load_average_at_end"))
     load = (f"{report['started_utc']}, {report['duration_s']:.0f} s, {report['threads']} threads; load average "
-            f"(1 min) {_fmt(start_load, '.1f')} at start, {_fmt(end_load, '.1f')} at end; GEMM rate "
-            f"{gemm['cpu_fp32_gflops']:.0f} GFLOP/s fp32 CPU"
-            + (f", {gemm['gpu_fp16_gflops']:.0f} fp16 GPU" if "gpu_fp16_gflops" in gemm else ""))
+            f"(1 min) {_fmt(start_load, '.1f')} at start, {_fmt(end_load, '.1f')} at end; {rates_line(report['gemm'])}")
     text = [f"## Latency ({title_of(report)})", "", f"`{report['command']}`", "", load, "",
             summary_table(rows, settings["batch_sizes"]), ""]
+    for model in report["models"]:
+        if model["auto_placement"]:
+            text += [f"auto on the {model['name']} model: {model['auto_placement'].split('the CPU: ')[-1]}", ""]
+        text += [f"Generator start-up on the {model['name']} model (s): " + "; ".join(
+            f"{path} {value['cold']:g} cold, {value['warm']:g} warm" if isinstance(value, dict) else f"{path} {value:g}"
+            for path, value in model["startup_s"].items()), ""]
     if not settings["quick"]:
         text += [results_table(rows), ""]
-    text += [overhead_line(rows), "", targets_table(report["targets"]), ""]
-    reasons = {}  # one line per backend and reason, naming its precisions
-    for s in report["skipped_backends"]:
-        reasons.setdefault((s["backend"], s["reason"]), []).append(s["precision"])
-    text += [f"Skipped: {backend} ({', '.join(precisions)}): {reason}"
-             for (backend, reason), precisions in reasons.items()]
+    text += [overhead_line(rows), "", targets_table(report["targets"] + [
+        {**t, "target": f"{model['name']}: {t['target']}"} for model in report["models"] for t in model["targets"]]),
+        ""]
+    reasons = {}  # one line per model, backend and reason, naming its precisions
+    for model in report["models"]:
+        for s in model["skipped_backends"]:
+            reasons.setdefault((model["name"], s["backend"], s["reason"]), []).append(s["precision"])
+    text += [f"Skipped on {name}: {backend} ({', '.join(precisions)}): {reason}"
+             for (name, backend, reason), precisions in reasons.items()]
     return "\n".join(text) + "\n"

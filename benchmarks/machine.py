@@ -14,8 +14,10 @@ from typing import Optional
 import numpy as np
 
 from benchmarks.timing import time_calls
+from movq_deploy.backends import cpu_features
 
-LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "movq-deploy")
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt", "cuda-python",
+             "movq-deploy")
 
 
 def cpu_model() -> str:
@@ -30,17 +32,8 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The vector extensions that decide GEMM speed (AVX2, AVX-512, VNNI for int8, BF16)."""
-    interesting = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [flag for flag in interesting if flag in flags]
-    except OSError:
-        pass
-    return []
+    """The vector extensions that decide GEMM speed (AVX2, AVX-512, VNNI for int8, BF16, AMX)."""
+    return [flag for flag in cpu_features.REPORTED_FLAGS if flag in cpu_features.cpu_flags()]
 
 
 def usable_cores() -> int:
@@ -151,4 +144,62 @@ def gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dict:
             torch.cuda.synchronize()
 
         result["gpu_fp16_gflops"] = round(_best_rate(gpu_matmul, 2.0 * gpu_size**3, budget_s) / 1e9, 1)
+    return result
+
+
+def _openvino_matmul(a: np.ndarray, b: np.ndarray, threads: int, int8: bool):
+    """A call running a @ b on OpenVINO's CPU plugin with b a constant (prepacked, as a model's weights are): in
+    bf16, or in int8 (u8 activations through a FakeQuantize, s8 weights dequantized per tensor: the pattern NNCF's
+    graphs hold, which the plugin runs as an int8 GEMM)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    a_in = ops.parameter(a.shape, np.float32, name="a")
+    x = a_in.output(0)
+    if int8:
+        low, high = ops.constant(np.float32(0.0)), ops.constant(np.float32(4.0))
+        x = ops.fake_quantize(x, low, high, low, high, 256).output(0)
+        weights = ops.multiply(ops.convert(ops.constant(np.clip(np.round(b * 32), -128, 127).astype(np.int8)),
+                                           np.float32), ops.constant(np.float32(1 / 32)))
+    else:
+        weights = ops.constant(b)
+    model = ov.Model([ops.result(ops.matmul(x, weights, False, False))], [a_in], "gemm")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                      "INFERENCE_PRECISION_HINT": "bf16"})
+    request = compiled.create_infer_request()
+    return lambda: request.infer({"a": a})
+
+
+def reduced_precision_rates(threads: int, budget_s: float = 1.0, size: int = 2048) -> dict:
+    """This CPU's bf16 GEMM rate (GFLOP/s) and int8 GEMM rate (GOP/s; 2 ops per multiply-add) at `size`^3, each the
+    best of the libraries that can do it here: bf16 with torch (oneDNN) and OpenVINO, int8 with ONNX Runtime's MLAS
+    (u8s8 MatMulInteger, constant weights) and OpenVINO. What the bf16 and int8 paths are held to."""
+    import importlib.util
+
+    from benchmarks.int8_gemm import mlas_int8_gemm
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 4, (size, size)).astype(np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flops, share = 2.0 * size**3, budget_s / 4
+    result: dict = {"reduced_size": size}
+    result["onnxruntime_int8_gops"] = round(_best_rate(mlas_int8_gemm(size, threads), flops, share) / 1e9, 1)
+    try:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+        with torch.inference_mode():
+            result["torch_bf16_gflops"] = round(_best_rate(lambda: ta @ tb, flops, share) / 1e9, 1)
+        torch.set_num_threads(previous)
+    except ImportError:
+        pass
+    if importlib.util.find_spec("openvino") is not None:
+        result["openvino_bf16_gflops"] = round(_best_rate(_openvino_matmul(a, b, threads, False), flops, share)
+                                               / 1e9, 1)
+        result["openvino_int8_gops"] = round(_best_rate(_openvino_matmul(a, b, threads, True), flops, share) / 1e9, 1)
+    bf16 = [v for k, v in result.items() if k.endswith("_bf16_gflops")]
+    result["cpu_bf16_gflops"] = max(bf16) if bf16 else None
+    result["cpu_int8_gops"] = max(v for k, v in result.items() if k.endswith("_int8_gops"))
     return result

@@ -27,7 +27,8 @@ from movq_deploy.files import atomic_write_text
 from movq_deploy.manifest import EngineDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
-from benchmarks.flops import counted_flops, prior_step_flops  # noqa: E402
+from benchmarks.flops import prior_step_flops  # noqa: E402
+from movq_deploy.export.flops import counted_flops  # noqa: E402
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
 from benchmarks.subject import CONFIGS, agreement_feeds, load_subject, stage_feeds  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402

@@ -20,7 +20,9 @@ DEFAULT_ENGINE_DIRS = ("engines", "runs/demo/engines")  # export/to_onnx.py's de
 
 def export_fresh_models(config: str, workdir: Path) -> "tuple[Path, Path]":
     """Freshly initialized models of `config` size (speed does not depend on the weights) saved as a checkpoint
-    and exported with export/to_onnx.py (fp32 + int8 prior; fp16 too where a GPU backend can run ONNX graphs)."""
+    and exported with export/to_onnx.py (fp32 + int8; fp16 too where a GPU backend can run ONNX graphs). A
+    `workdir` that already holds them (a finished export of this config) is reused: the paper-size export takes
+    tens of minutes."""
     import importlib.util
 
     from movq_deploy.export.pipeline import export_engine_dir
@@ -28,6 +30,9 @@ def export_fresh_models(config: str, workdir: Path) -> "tuple[Path, Path]":
     from movq_deploy.models.movq import MoVQ, MoVQConfig
     from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 
+    engine_dir, ckpt_path = workdir / "engines", workdir / "ckpt.pt"
+    if (engine_dir / "manifest.json").is_file() and ckpt_path.is_file():
+        return engine_dir, ckpt_path
     tokenizer_preset, prior_preset = CONFIGS[config]
     torch.manual_seed(0)
     tokenizer_config = MoVQConfig.preset(tokenizer_preset)
@@ -36,9 +41,8 @@ def export_fresh_models(config: str, workdir: Path) -> "tuple[Path, Path]":
     ckpt = save_checkpoint(workdir / "ckpt.pt", tokenizer_config=tokenizer_config.to_dict(),
                            tokenizer=movq.state_dict(), prior_config=prior_config.to_dict(), prior=prior.state_dict(),
                            record={"note": f"random weights for benchmarks/latency.py --config {config}"})
-    engine_dir = workdir / "engines"
     fp16 = cuda_available() or importlib.util.find_spec("tensorrt") is not None
-    export_engine_dir(ckpt, engine_dir, fp16=fp16, int8=True, log=lambda line: None)
+    export_engine_dir(ckpt, engine_dir, fp16=fp16, int8=True, log=lambda line: print(f"  export: {line}", flush=True))
     return engine_dir, ckpt
 
 

@@ -2,7 +2,7 @@
 missing instead of guessing."""
 from __future__ import annotations
 
-from benchmarks.latency_targets import evaluate_targets, int8_image_targets
+from benchmarks.latency_targets import cpu_path_targets, evaluate_targets, int8_image_targets
 
 
 def _row(backend, precision, stage, batch, p50_ms, **extra):
@@ -31,3 +31,34 @@ def test_int8_image_targets_take_speed_from_the_run_and_agreement_from_the_manif
     assert (speed["value"], speed["met"]) == (2.0, True)
     assert (psnr["value"], psnr["met"]) == (34.0, False)
     assert agreement["met"] is True
+
+
+def _paper(backend, precision, stage, batch, p50_ms, **extra):
+    return {"model": "paper", "compute": precision, **_row(backend, precision, stage, batch, p50_ms, **extra)}
+
+
+def test_cpu_path_targets_compare_the_fastest_package_path_with_the_fastest_peer():
+    rows = [_paper("openvino", "int8", "prior_step", 16, 100.0, gemm_fraction=0.7),
+            _paper("openvino", "bf16", "prior_step", 16, 180.0, gemm_fraction=0.85),
+            _paper("openvino", "bf16", "prior_step", 1, 20.0, gemm_fraction=0.75),
+            _paper("openvino-direct", "bf16", "prior_step", 16, 170.0),
+            _paper("pytorch-eager", "bf16", "prior_step", 16, 400.0),
+            _paper("auto", "bf16", "sample", 16, 2000.0, loop_overhead=0.01),
+            _paper("pytorch-eager", "bf16", "sample", 16, 5000.0),
+            _paper("onnxruntime-cpu", "fp32", "sample", 16, 9000.0),
+            _paper("auto", "bf16", "decode", 1, 10.5), _paper("onnxruntime-cpu", "fp32", "decode", 1, 10.0)]
+    targets = {t["target"]: t for t in cpu_path_targets(rows, [1, 16])}
+    ahead = targets["paper prior step, batch 16: fastest package path >= 1.3x the fastest peer"]
+    assert (ahead["value"], ahead["met"]) == (1.7, True) and "openvino int8 100 ms vs openvino-direct" in ahead["detail"]
+    assert targets["paper prior step, batch 1: fastest package path >= 1.2x the fastest peer"]["met"] is None
+    bf16 = targets["paper bf16 prior step >= 80% of the bf16 GEMM rate"]
+    assert (bf16["value"], bf16["met"]) == (0.75, False)  # the worst batch decides
+    assert targets["paper int8 prior step >= 65% of the int8 GEMM rate (batch >= 8)"]["met"] is True
+    assert targets["paper Generator.sample(n=16) >= 1.3x the PyTorch reference sampler in bf16"]["value"] == 2.5
+    assert targets["paper: the package's loop adds <= 3% to sample(n=16) (auto)"]["met"] is True
+    never = targets["paper: auto never > 5% slower than ONNX Runtime fp32 (every stage, batch 1 and 16)"]
+    assert never["value"] == 1.05 and never["met"] is True and "decode batch 1" in never["detail"]
+    assert cpu_path_targets(rows[-2:], [1])[0]["target"].startswith("paper prior step")  # paper rows: paper targets
+    digits = [{**row, "model": "checkpoint"} for row in rows[-2:]]
+    assert [t["target"] for t in cpu_path_targets(digits, [1])] == [
+        "checkpoint: auto never > 5% slower than ONNX Runtime fp32 (every stage, batch 1 and 16)"]
