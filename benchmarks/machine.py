@@ -147,6 +147,34 @@ def gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dict:
     return result
 
 
+def one_node_session(node_op: str, a: np.ndarray, b: np.ndarray, threads: int, extra_inputs=()):
+    """An ONNX Runtime CPU session of `node_op`(a, b constant, *extra constants): a -> output."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_type = TensorProto.INT32 if node_op == "MatMulInteger" else TensorProto.FLOAT
+    in_type = helper.np_dtype_to_tensor_dtype(a.dtype)
+    constants = [numpy_helper.from_array(b, "b")] + [numpy_helper.from_array(v, n) for n, v in extra_inputs]
+    node = helper.make_node(node_op, ["a", "b", *(n for n, _ in extra_inputs)], ["c"])
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", in_type, list(a.shape))],
+                              [helper.make_tensor_value_info("c", out_type, [a.shape[0], b.shape[1]])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the package's sessions
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": a})
+
+
+def mlas_int8_gemm(size: int, threads: int):
+    """A call of MLAS's u8s8 GEMM of `size`^3 (a one-node MatMulInteger graph, constant s8 weights)."""
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    b8 = rng.integers(-128, 128, (size, size), dtype=np.int8)
+    zero_points = [("a_zero_point", np.array(128, np.uint8)), ("b_zero_point", np.array(0, np.int8))]
+    return one_node_session("MatMulInteger", a8, b8, threads, zero_points)
+
+
 def _openvino_matmul(a: np.ndarray, b: np.ndarray, threads: int, int8: bool):
     """A call running a @ b on OpenVINO's CPU plugin with b a constant (prepacked, as a model's weights are): in
     bf16, or in int8 (u8 activations through a FakeQuantize, s8 weights dequantized per tensor: the pattern NNCF's
@@ -175,8 +203,6 @@ def reduced_precision_rates(threads: int, budget_s: float = 1.0, size: int = 204
     best of the libraries that can do it here: bf16 with torch (oneDNN) and OpenVINO, int8 with ONNX Runtime's MLAS
     (u8s8 MatMulInteger, constant weights) and OpenVINO. What the bf16 and int8 paths are held to."""
     import importlib.util
-
-    from benchmarks.int8_gemm import mlas_int8_gemm
 
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 4, (size, size)).astype(np.float32)

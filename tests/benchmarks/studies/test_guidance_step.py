@@ -1,11 +1,11 @@
-"""benchmarks/guidance_step.py on the tiny conditional export: both graphs timed, the report written."""
+"""benchmarks/studies/guidance_step.py on the tiny conditional export: both graphs timed, the report written."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from benchmarks import guidance_step
+from benchmarks.studies import guidance_step
 
 
 def test_guided_and_plain_steps_are_timed_and_reported(tiny_engines, tmp_path):

@@ -1,6 +1,6 @@
 """The int8 limit: this CPU's int8 GEMM rate beside its fp32 rate, and how close the int8 prior step comes to it.
 
-    python benchmarks/int8_gemm.py [--configs tiny,paper] [--batch-sizes 1,16,64] [--budget-s 1] [--out results/]
+    python benchmarks/studies/int8_gemm.py [--configs tiny,paper] [--batch-sizes 1,16,64] [--budget-s 1] [--out results/]
 
 The int8 rate is ONNX Runtime's own int8 GEMM (MLAS QGEMM, u8 activations x s8 weights, VNNI where the CPU has
 it): a one-node MatMulInteger graph of size 1024^3 whose weight is a constant (prepacked, as a model's weights
@@ -23,36 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
 from benchmarks.flops import prior_step_flops  # noqa: E402
-from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402
+from benchmarks.machine import gemm_rate, load_average, machine_info, mlas_int8_gemm, one_node_session  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 
 CONFIGS = {"tiny": ("tiny", "tiny"), "paper": ("paper-f16", "paper")}  # --configs -> (MoVQ preset, prior preset)
 TARGET_FRACTION, TARGET_MIN_BATCH = 0.60, 8  # int8 prior step >= 60% of the int8 GEMM rate at paper size, batch >= 8
-
-
-def _one_node_session(node_op: str, a: np.ndarray, b: np.ndarray, threads: int, extra_inputs=()):
-    """An ONNX Runtime CPU session of `node_op`(a, b constant, *extra constants): a -> output."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    out_type = TensorProto.INT32 if node_op == "MatMulInteger" else TensorProto.FLOAT
-    in_type = helper.np_dtype_to_tensor_dtype(a.dtype)
-    constants = [numpy_helper.from_array(b, "b")] + [numpy_helper.from_array(v, n) for n, v in extra_inputs]
-    node = helper.make_node(node_op, ["a", "b", *(n for n, _ in extra_inputs)], ["c"])
-    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", in_type, list(a.shape))],
-                              [helper.make_tensor_value_info("c", out_type, [a.shape[0], b.shape[1]])], constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the package's sessions
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return lambda: session.run(None, {"a": a})
 
 
 def int8_gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dict:
@@ -69,16 +50,7 @@ def int8_gemm_rate(threads: int, budget_s: float = 1.0, size: int = 1024) -> dic
 
     return {"size": size, "threads": threads,
             "onnxruntime_u8s8_gops": rate(mlas_int8_gemm(size, threads)),
-            "onnxruntime_fp32_const_gflops": rate(_one_node_session("MatMul", a32, b32, threads))}
-
-
-def mlas_int8_gemm(size: int, threads: int):
-    """A call of MLAS's u8s8 GEMM of `size`^3 (a one-node MatMulInteger graph, constant s8 weights)."""
-    rng = np.random.default_rng(0)
-    a8 = rng.integers(0, 256, (size, size), dtype=np.uint8)
-    b8 = rng.integers(-128, 128, (size, size), dtype=np.int8)
-    zero_points = [("a_zero_point", np.array(128, np.uint8)), ("b_zero_point", np.array(0, np.int8))]
-    return _one_node_session("MatMulInteger", a8, b8, threads, zero_points)
+            "onnxruntime_fp32_const_gflops": rate(one_node_session("MatMul", a32, b32, threads))}
 
 
 def export_int8_prior(config: str, workdir: Path) -> "tuple[Path, object]":
@@ -191,7 +163,7 @@ def main(argv=None) -> dict:
     for config_rows in rows.values():
         for row in config_rows:
             row["int8_gemm_fraction"] = row["gops_per_s"] / best["onnxruntime_u8s8_gops"]
-    command = " ".join(["python benchmarks/int8_gemm.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python benchmarks/studies/int8_gemm.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     machine["load_average_at_end"] = load_average()
     loads = [(machine[k] or ["-"])[0] for k in ("load_average_at_start", "load_average_at_end")]
     rates = {"threads": threads, "best": best, "readings": readings}

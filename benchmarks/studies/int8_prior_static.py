@@ -1,6 +1,6 @@
 """int8 prior-step graphs, three ways: agreement with fp32, step time, and batch independence.
 
-    python benchmarks/int8_prior_static.py [--engine-dir engines/ [--ckpt PATH] | --config paper]
+    python benchmarks/studies/int8_prior_static.py [--engine-dir engines/ [--ckpt PATH] | --config paper]
                                            [--methods percentile|none] [--activations uint8] [--skip-agreement]
                                            [--batch-sizes 1,16,64] [--rounds 5] [--budget-s 0.3] [--out results/]
 
@@ -31,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
@@ -295,7 +295,7 @@ def main(argv=None) -> dict:
             specs, calibration, held_out = trained_subject(engine_dir, args.ckpt, args.calibration_images, work)
             subject = str(engine_dir)
         results = {name: measure_graph(spec, work, calibration, held_out, args, log) for name, spec in specs.items()}
-    command = " ".join(["python benchmarks/int8_prior_static.py",
+    command = " ".join(["python benchmarks/studies/int8_prior_static.py",
                         *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     machine["load_average_at_end"] = load_average()
     loads = [(machine[k] or ["-"])[0] for k in ("load_average_at_start", "load_average_at_end")]

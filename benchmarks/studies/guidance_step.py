@@ -1,6 +1,6 @@
 """The cost of classifier-free guidance per sampling step: the guided prior step against the plain one.
 
-    python benchmarks/guidance_step.py --engine-dir runs/demo/engines [--batch-sizes 1,16] [--precisions fp32,int8]
+    python benchmarks/studies/guidance_step.py --engine-dir runs/demo/engines [--batch-sizes 1,16] [--precisions fp32,int8]
                                        [--out runs/benchmarks]
 
 Both graphs of an engine directory (prior and prior_guided, ONNX Runtime on the CPU, as the Generator opens them) on
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 

@@ -1,6 +1,6 @@
 """sample(n=1) on ONNX Runtime CPU: today's per-session thread pools vs one process-wide pool, in one run.
 
-    python benchmarks/thread_pool.py [--engine-dir runs/demo/engines] [--rounds 3] [--budget-s 5]
+    python benchmarks/studies/thread_pool.py [--engine-dir runs/demo/engines] [--rounds 3] [--budget-s 5]
 
 `Generator(..., shared_pool=True)` makes ONNX Runtime's intra-op pool process-wide (set once per process), so each
 setting runs in its own child process; the children alternate (A B A B ...) so that a change in the machine's load
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.machine import load_average  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402

@@ -1,6 +1,6 @@
 """What ONNX Runtime already offers for the CPU, measured: the settings behind the runtime's defaults.
 
-    python benchmarks/ort_settings.py [--engine-dir engines/ --ckpt PATH | --config tiny|paper]
+    python benchmarks/studies/ort_settings.py [--engine-dir engines/ --ckpt PATH | --config tiny|paper]
                                       [--batch-sizes 1,8] [--budget-s 1] [--out results/]
 
 Times the prior step (and the decoder) under each setting against PyTorch eager fp32 with the same threads:
@@ -26,7 +26,7 @@ from movq_deploy.backends.onnxruntime import physical_cores
 from movq_deploy.files import atomic_write_text
 from movq_deploy.manifest import EngineDir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make `benchmarks` importable
 from benchmarks.flops import prior_step_flops  # noqa: E402
 from movq_deploy.export.flops import counted_flops  # noqa: E402
 from benchmarks.machine import gemm_rate, load_average, machine_info  # noqa: E402

@@ -1,8 +1,8 @@
 """The paper's Fig. 6 at toy scale: which parts of MoVQ help reconstruction, on the embedded photographs.
 
-    python benchmarks/ablation.py                          # every Fig. 6 row, 2 seeds, table on stdout
-    python benchmarks/ablation.py --steps 200 --jobs 2 --markdown BENCHMARKS.md
-    python benchmarks/ablation.py --from-json runs/ablation/ablation.json --markdown BENCHMARKS.md   # re-render
+    python benchmarks/studies/ablation.py                          # every Fig. 6 row, 2 seeds, table on stdout
+    python benchmarks/studies/ablation.py --steps 200 --jobs 2 --markdown BENCHMARKS.md
+    python benchmarks/studies/ablation.py --from-json runs/ablation/ablation.json --markdown BENCHMARKS.md   # re-render
 
 Rows (all start from the tiny preset: 64² crops -> 8x8 grid, K = 512 codes, the same recipe, steps, batch,
 learning rate and seeds; no discriminator, so the comparison measures the tokenizers and not GAN noise;
@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
@@ -251,7 +251,7 @@ def main(argv: "list[str] | None" = None) -> None:
             rows = [_run_job(job) for job in jobs]
         device = (torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available()
                   else f"CPU ({platform.processor() or platform.machine()}, {args.threads or 'default'} threads/run)")
-        command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/studies/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
         header = (f"Command: `{command.strip()}` ({(time.time() - tic) / 60:.0f} min, {args.jobs} run(s) at once). "
                   f"Budget per run: {args.steps} steps x batch {args.batch_size}, lr {args.lr}, {args.rec_loss} "
                   f"loss, no discriminator, seeds {args.seeds}, {args.image_size}² crops; metrics on the "

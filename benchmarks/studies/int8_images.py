@@ -1,6 +1,6 @@
 """The int8 encoder and decoder against their fp32 graphs: speed at one batch size, decoded PSNR, index agreement.
 
-    python benchmarks/int8_images.py [--configs tiny,paper] [--ckpt PATH] [--batch 16] [--repeats 5]
+    python benchmarks/studies/int8_images.py [--configs tiny,paper] [--ckpt PATH] [--batch 16] [--repeats 5]
                                      [--calibration-images 64] [--method minmax] [--fp32-zq-convs] [--out results/]
 
 For each --configs size (freshly initialized models; `--ckpt` takes a trained checkpoint's tokenizer instead), the
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
         parser.error(str(error))
     started, machine = time.time(), machine_info()
     results = {config: measure(config, args, quant, lambda line: print(line, flush=True)) for config in configs}
-    command = " ".join(["python benchmarks/int8_images.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python benchmarks/studies/int8_images.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     machine["load_average_at_end"] = load_average()
     loads = [(machine[k] or ["-"])[0] for k in ("load_average_at_start", "load_average_at_end")]
     report = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

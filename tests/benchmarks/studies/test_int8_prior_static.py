@@ -1,11 +1,11 @@
-"""benchmarks/int8_prior_static.py on the tiny conditional export: every variant measured, the report written."""
+"""benchmarks/studies/int8_prior_static.py on the tiny conditional export: every variant measured, the report written."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from benchmarks import int8_prior_static
+from benchmarks.studies import int8_prior_static
 
 
 def test_variants_are_measured_and_reported(tiny_engines, tmp_path):

@@ -1,11 +1,11 @@
-"""benchmarks/ablation.py's rows and table (the training itself is train/tokenizer.py's, tested there) and the
+"""benchmarks/studies/ablation.py's rows and table (the training itself is train/tokenizer.py's, tested there) and the
 reconstruction metrics of benchmarks/recon_metrics.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.ablation import FIG6, base_config, markdown, summarize, variants, verdict_text
+from benchmarks.studies.ablation import FIG6, base_config, markdown, summarize, variants, verdict_text
 from benchmarks.recon_metrics import frechet_distance, ssim
 
 

@@ -1,6 +1,6 @@
 """The prior step's sampling tail (inverse-CDF draw over K codes) in ONNX Runtime: flat CumSum vs a blocked one.
 
-    python benchmarks/step_tail.py [--shapes 8x256x512,64x256x512,1x1024x1024] [--threads 2]
+    python benchmarks/studies/step_tail.py [--shapes 8x256x512,64x256x512,1x1024x1024] [--threads 2]
 
 ONNX Runtime's CPU profile of the tiny prior step puts much of its time in the CumSum over K (B*N*K elements;
 BENCHMARKS.md has the profile). A two-level draw gives the same token: block totals (K/32 blocks of 32 codes),
@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402

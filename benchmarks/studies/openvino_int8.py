@@ -1,6 +1,6 @@
 """int8 on OpenVINO, graph by graph: NNCF's graphs beside OpenVINO running ONNX Runtime's QDQ graphs, and bf16.
 
-    python benchmarks/openvino_int8.py [--engine-dir engines/ [--ckpt PATH]] [--graphs prior,decoder,encoder]
+    python benchmarks/studies/openvino_int8.py [--engine-dir engines/ [--ckpt PATH]] [--graphs prior,decoder,encoder]
                                        [--batch-sizes 1,16] [--budget-s 1] [--out results/]
 
 For each graph of an engine directory exported with --int8 (and the checkpoint it came from):
@@ -8,7 +8,7 @@ For each graph of an engine directory exported with --int8 (and the checkpoint i
 - "int8 nncf": NNCF's post-training quantization as the export makes it (movq_deploy.export.openvino_graphs),
   here for every graph asked for, including those the export leaves out;
 - "int8 qdq": OpenVINO running a QDQ ONNX graph from onnxruntime's quantize_static: the encoder's and decoder's are
-  the export's ONNX Runtime int8 graphs; the prior's is made here (benchmarks/int8_prior_static.py's recipe);
+  the export's ONNX Runtime int8 graphs; the prior's is made here (benchmarks/studies/int8_prior_static.py's recipe);
 - "ort int8": the export's ONNX Runtime int8 graph on ONNX Runtime (the package's other int8 path).
 Per variant: p50 of one call at each batch size (all variants in turn), and the agreement with the fp32 graph on
 the held-out data (the prior's top token on held-out states, the encoder's indices, the decoder's PSNR). Which
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
@@ -37,7 +37,7 @@ STAGE_OF = {"prior": "prior_step", "decoder": "decode", "encoder": "encode"}
 
 def variants(name: str, engines, spec, work: Path, images, states) -> dict:
     """{variant: (runner, how it was made)} for graph `name`."""
-    from benchmarks.int8_prior_static import quantize_static_prior
+    from benchmarks.studies.int8_prior_static import quantize_static_prior
     from movq_deploy.backends.onnxruntime import OnnxRuntimeRunner
     from movq_deploy.backends.openvino import OpenVinoRunner
     from movq_deploy.export.openvino_graphs import quantize_for_openvino
@@ -80,7 +80,7 @@ def measure_graph(name: str, engines, spec, images, states, args, log) -> dict:
 
 
 def report_lines(command: str, results: dict, loads) -> "list[str]":
-    lines = ["## int8 on OpenVINO (`benchmarks/openvino_int8.py`)", "", f"`{command}`", "",
+    lines = ["## int8 on OpenVINO (`benchmarks/studies/openvino_int8.py`)", "", f"`{command}`", "",
              f"Load average (1 min) {loads[0]} at start, {loads[1]} at end.", "",
              "| graph | variant | " + " | ".join(f"batch {b} ms" for b in results["batch_sizes"])
              + " | x bf16 (largest batch) | agreement with fp32 (held out) |", "|---|---|" + "---:|" *
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
                                                   for v, times in graph["p50_ms"].items()},
                                        "agreement": graph["agreement"]}
     loads.append(load_average())
-    command = " ".join(["python benchmarks/openvino_int8.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python benchmarks/studies/openvino_int8.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "machine": machine_info(), "load_average": loads, **results}
     lines = report_lines(command, results, [load and load[0] for load in loads])
     write_report(Path(args.out), "openvino_int8", report, "\n".join(lines) + "\n")
