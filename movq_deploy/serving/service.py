@@ -43,7 +43,8 @@ class ServiceConfig:
     max_queue_wait_s: Optional[float] = 2.0
     batch_wait_timeout_s: float = 0.02  # @serve.batch's wait for a fuller batch ("request" mode)
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
-    retry_after_s: int = 1  # the Retry-After of a 503 where nothing better is known ("request" and "none" modes)
+    retry_after_s: int = 1  # the Retry-After of a 503 where nothing better is known (Ray Serve's router queue full;
+    # the "request" and "none" modes)
     page: bool = False  # also serve the web page at /ui over this service (needs the ui extra: gradio)
     threads: Optional[int] = None  # ONNX Runtime threads per replica (default: the physical cores)
     # One process-wide ONNX Runtime pool per replica process (`serve --shared-pool`). Off by default: under serving
