@@ -20,7 +20,6 @@ import base64
 import io
 import json
 import logging
-import math
 from typing import List, Literal, Optional, Union
 
 import numpy as np
@@ -31,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 
 from movq_deploy.serving.auth import KeyRequired
+from movq_deploy.serving.proxy import REFUSING_HEADER, is_generation
 from movq_deploy.serving.scheduler import Overloaded
 from movq_deploy.serving.service import ImageService, Served
 
@@ -58,6 +58,7 @@ def build_api(service: ImageService) -> FastAPI:
     """The FastAPI app of one replica (Ray Serve's ingress; also runs on its own, e.g. under a test client)."""
     app = FastAPI(title="movq-deploy", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes, metrics=service.metrics)
+    app.add_middleware(EarlyRefusal, service=service)
     if service.config.api_key is not None:
         app.add_middleware(KeyRequired, api_key=service.config.api_key)  # added last: runs first
     _add_error_handlers(app, service)
@@ -184,7 +185,7 @@ def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
 
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded):  # counted by reason where it was refused
-        return error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after_s))})
+        return error(503, str(exc), {"Retry-After": exc.retry_after_header})
 
     @app.exception_handler(TimeoutError)
     async def timed_out(_: Request, exc: TimeoutError):
@@ -194,6 +195,31 @@ def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
     async def failed(_: Request, exc: RuntimeError):
         logger.error("movq-deploy request failed: %s", exc)
         return error(500, str(exc))
+
+
+class EarlyRefusal:
+    """ASGI middleware: while the engine could not take even a one-image request in time, a new sample or edit is
+    answered 503 (with Retry-After) before its body is read, let alone parsed: under overload a refusal costs little
+    (under Ray Serve, reading a body is a call back to the proxy). Other requests pass. The answer's REFUSING_HEADER
+    says for how many more seconds (the queue's estimate) every request would be refused: Ray Serve's proxies read it
+    to refuse meanwhile themselves, at less cost still (proxy.py)."""
+
+    def __init__(self, app, service: ImageService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if is_generation(scope):
+            refusal = self.service.refusal()
+            if refusal is not None:
+                body = json.dumps({"detail": str(refusal)}).encode()
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"retry-after", refusal.retry_after_header.encode()),
+                                        (REFUSING_HEADER, f"{refusal.retry_after_s:.3f}".encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -46,13 +46,17 @@ SMOOTHING = 0.1  # weight of the newest engine call in the averaged costs: about
 
 
 class Overloaded(RuntimeError):
-    """Refused at once, retry after `retry_after_s` (HTTP 503 with Retry-After). `reason`: "overload" (the queue holds
-    as many images as it may) or "deadline" (the estimated wait exceeds max_queue_wait_s, or the request's own
-    timeout)."""
+    """Refused at once; the same request would be refused for about `retry_after_s` more seconds, the queue's own
+    estimate (HTTP 503 with Retry-After, whole seconds, at least 1). `reason`: "overload" (the queue holds as many
+    images as it may) or "deadline" (the estimated wait exceeds max_queue_wait_s, or the request's own timeout)."""
 
     def __init__(self, message: str, reason: str = "overload", retry_after_s: float = 1.0):
         super().__init__(message)
         self.reason, self.retry_after_s = reason, retry_after_s
+
+    @property
+    def retry_after_header(self) -> str:
+        return str(max(1, math.ceil(self.retry_after_s)))
 
 
 class EngineMetrics:
@@ -219,7 +223,9 @@ class Scheduler:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")
-            self._admit_or_refuse(n, options.steps, timeout_s)
+            refusal = self._refusal(n, options.steps, timeout_s)
+            if refusal is not None:
+                raise refusal
             self._waiting.append(request)
             self._queued_images += n
             self._queued_steps += n * options.steps
@@ -227,8 +233,14 @@ class Scheduler:
             self._wake.notify()
         return request.job
 
-    def _admit_or_refuse(self, n: int, steps: int, timeout_s: Optional[float]) -> None:
-        """Raises Overloaded unless a request of n images of `steps` steps can join the queue now (lock held)."""
+    def refusal(self) -> Optional[Overloaded]:
+        """The refusal a request of one image would get now (counted as a refusal), or None: while it is not None
+        every request would be refused, so a server may answer new requests with it before reading them."""
+        with self._wake:
+            return self._refusal(1, self.generator.default_steps, None)
+
+    def _refusal(self, n: int, steps: int, timeout_s: Optional[float]) -> Optional[Overloaded]:
+        """Overloaded (counted) unless a request of n images of `steps` steps can join the queue now (lock held)."""
         config = self.config
         reason = None
         if self._queued_images + n > config.max_queued_images:
@@ -250,10 +262,11 @@ class Scheduler:
                 message = (f"overloaded: the estimated wait of {wait:.1f} s and service of {service:.1f} s exceed "
                            f"this request's timeout of {timeout_s:g} s; retry later")
                 retry_after = wait + service - timeout_s
-        if reason is not None:
-            self._stats[f"refused_{reason}"] += 1
-            self.metrics.refused(reason)
-            raise Overloaded(message, reason, retry_after_s=max(1.0, retry_after))
+        if reason is None:
+            return None
+        self._stats[f"refused_{reason}"] += 1
+        self.metrics.refused(reason)
+        return Overloaded(message, reason, retry_after_s=max(0.0, retry_after))
 
     def _images_ahead(self) -> int:
         """Images in slots or waiting for one (lock held)."""

@@ -143,6 +143,10 @@ class ImageService:
     def healthy(self) -> bool:
         return self.scheduler is None or self.scheduler.alive
 
+    def refusal(self) -> Optional[Overloaded]:
+        """What any new request would get now if the engine cannot take even one image in time, else None."""
+        return None if self.scheduler is None else self.scheduler.refusal()
+
     async def sample(self, n: int = 1, seed: Optional[int] = None, class_labels=None, steps: Optional[int] = None,
                      temperature=None, choice_temperature=None, guidance_scale=None,
                      timeout_s: Optional[float] = None) -> Served:

@@ -180,34 +180,41 @@ def test_overload_gets_503_with_retry_after(tiny_engines):
 
 def test_a_request_over_the_deadline_gets_503_with_the_estimated_retry_after(tiny_engines):
     config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1,
-                           max_request_images=2, max_queue_wait_s=1.0)
+                           max_request_images=3, max_queue_wait_s=12.0)
     metrics = CountingMetrics()
     service = ImageService(config, metrics)
-    service.scheduler.costs.record_step(rows=1, seconds=1.0)  # as measured: 1 s per image row, decoding free
+    service.scheduler.costs.record_step(rows=1, seconds=2.0)  # as measured: 2 s per image row, decoding free
     service.scheduler.costs.record_decode(images=1, seconds=0.0)
     release = _held(service)
     try:
         with TestClient(build_api(service), raise_server_exceptions=False) as client:
-            # Its own timeout first: 2 steps of 1 s do not fit in 0.5 s, even with nothing ahead.
+            # Its own timeout first: 2 steps of 2 s do not fit in 0.5 s, even with nothing ahead.
             response = client.post("/v1/sample", json={"n": 1, "steps": 2},
                                    headers={"X-Request-Timeout-Seconds": "0.5"})
             assert response.status_code == 503 and "timeout of 0.5 s" in response.json()["detail"]
-            busy = service.scheduler.submit_sample(n=2, steps=2)  # 1 image in the (held) engine, 1 queued
+            busy = [service.scheduler.submit_sample(n=2, steps=2)]  # 1 image in the (held) engine, 1 queued
             deadline = time.monotonic() + 60
             while service.scheduler.stats()["active_images"] < 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
-            # 2 more images: 3 must leave the one slot first, at 2 s each: a 6 s wait, 5 s beyond the limit.
-            response = client.post("/v1/sample", json={"n": 2, "steps": 2})
+            # 3 more images: 4 must leave the one slot first, at 4 s each: a 16 s wait, 4 s beyond the limit (one
+            # more image would wait 8 s: it would pass).
+            response = client.post("/v1/sample", json={"n": 3, "steps": 2})
             assert response.status_code == 503, response.text
-            assert response.headers["retry-after"] == "5", response.text
-            assert "estimated wait of 6.0 s exceeds the server's limit of 1 s" in response.json()["detail"]
+            assert response.headers["retry-after"] == "4"
+            assert "estimated wait of 16.0 s exceeds the server's limit of 12 s" in response.json()["detail"]
             for value, status in (("soon", 422), ("-1", 400)):
                 bad = client.post("/v1/sample", json={"n": 1}, headers={"X-Request-Timeout-Seconds": value})
                 assert bad.status_code == status, bad.text
+            # 2 more (a 12 s wait: admitted); then not even one image fits in 12 s: new requests are refused before
+            # their bodies are read.
+            busy.append(service.scheduler.submit_sample(n=2, steps=2))
+            unread = client.post("/v1/sample", content=b"{not even JSON", headers={"content-type": "application/json"})
+            assert unread.status_code == 503 and unread.headers["retry-after"] == "4", unread.text
             release.set()
-            busy.future.result(60)
-        assert metrics.refusals == ["deadline", "deadline", "bad_request", "bad_request"]
+            for job in busy:
+                job.future.result(60)
+        assert metrics.refusals == ["deadline", "deadline", "bad_request", "bad_request", "deadline"]
     finally:
         release.set()
         service.close()

@@ -7,7 +7,8 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e .[serve])")
 from starlette.testclient import TestClient  # noqa: E402
 
-from movq_deploy.serving.proxy import LOST_REPLICA_DETAIL, JsonErrors, json_errors  # noqa: E402
+from movq_deploy.serving.proxy import (LOST_REPLICA_DETAIL, MAX_SHED_S, REFUSING_HEADER, JsonErrors,  # noqa: E402
+                                      ShedWhileRefusing, middlewares)
 
 
 def _app(*messages, fail: bool = False):
@@ -57,8 +58,59 @@ def test_the_app_s_own_answers_pass_untouched():
     assert page.status_code == 404 and page.text == "<html>not here</html>"
 
 
-def test_the_callback_gives_ray_serve_one_starlette_middleware():
+def test_the_callback_gives_ray_serve_its_starlette_middlewares():
     from starlette.middleware import Middleware
 
-    (middleware,) = json_errors()
-    assert isinstance(middleware, Middleware) and middleware.cls is JsonErrors
+    shed, errors = middlewares()
+    assert isinstance(shed, Middleware) and shed.cls is ShedWhileRefusing and errors.cls is JsonErrors
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_proxy_refuses_while_a_replica_refuses_every_request():
+    calls, refusing_for = [], {"value": None}
+
+    async def replica(scope, receive, send):  # a POST: 503 + the header while refusing_for is set; else 200
+        calls.append(scope["path"])
+        if refusing_for["value"] is not None and scope["method"] == "POST":
+            await send(_start(503, b"application/json", [b"retry-after", b"1"],
+                              [REFUSING_HEADER, refusing_for["value"].encode()]))
+            await send(_body(b'{"detail": "overloaded"}'))
+        else:
+            await send(_start(200, b"image/png"))
+            await send(_body(b"png"))
+
+    clock = _Clock()
+    client = TestClient(ShedWhileRefusing(replica, clock=clock), raise_server_exceptions=False)
+    assert client.post("/app/v1/sample").status_code == 200
+    refusing_for["value"] = "3.5"  # the replica: every request refused for 3.5 s
+    assert client.post("/app/v1/sample").status_code == 503 and len(calls) == 2
+    shed = client.post("/app/v1/edit")  # the same application: refused by the proxy, the replica not called
+    assert shed.status_code == 503 and len(calls) == 2 and shed.headers["content-type"] == "application/json"
+    assert shed.headers["retry-after"] == "1" and "overloaded" in shed.json()["detail"]
+    assert client.get("/app/v1/info").status_code == 200 and len(calls) == 3  # only generation requests are shed
+    assert client.post("/other/v1/sample").status_code == 503 and len(calls) == 4  # another application: asked
+    clock.now += MAX_SHED_S + 0.01  # at most MAX_SHED_S on a replica's word, then it is asked again
+    refusing_for["value"] = None
+    assert client.post("/app/v1/sample").status_code == 200 and len(calls) == 5
+
+
+def test_the_shedding_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("MOVQ_PROXY_MAX_SHED_S", "0")
+    calls = []
+
+    async def replica(scope, receive, send):
+        calls.append(scope["path"])
+        await send(_start(503, b"application/json", [REFUSING_HEADER, b"5"]))
+        await send(_body(b'{"detail": "overloaded"}'))
+
+    client = TestClient(ShedWhileRefusing(replica), raise_server_exceptions=False)
+    for _ in range(3):
+        assert client.post("/v1/sample").status_code == 503
+    assert len(calls) == 3

@@ -186,13 +186,13 @@ def test_a_request_whose_client_has_gone_uses_no_engine_call(tiny_engines, serve
 def test_a_full_router_queue_refuses_in_json_with_retry_after(tiny_engines, serve_port):
     # The replica holds 2 requests (max_ongoing_requests = 1 queued image + 1 slot), its router queues 2 more.
     config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1, max_queued_images=1,
-                           max_request_images=1, max_steps=1000, max_queue_wait_s=600.0, request_timeout_s=TIMEOUT)
+                           max_request_images=1, max_steps=2000, max_queue_wait_s=600.0, request_timeout_s=TIMEOUT)
     url = _deploy_config(serve_port, "tight", config)
     try:
         results, threads = [], []
-        for steps in (1000, 1000, 1, 1):  # in the engine, queued in the replica, two queued in the router
+        for steps in (2000, 2000, 1, 1):  # in the engine (for 1 s at least), queued in the replica, two in the router
             threads.append(_post_in_thread(url, {"n": 1, "steps": steps}, results))
-            time.sleep(0.1)
+            time.sleep(0.05)
         started = time.perf_counter()
         refused = httpx.post(f"{url}/v1/sample", json={"n": 1, "steps": 1}, timeout=TIMEOUT)
         assert time.perf_counter() - started < 5.0  # at once, not after the queue ahead
