@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # node has requests in flight (with a proxy on every node behind a load balancer, each prefers its own).
 CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_health_check_period_ms": "1000",
                "RAY_health_check_failure_threshold": "3", "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
-LONG_REQUEST = {"n": 8, "steps": 48}  # to be in flight when the node is lost
+LONG_REQUEST = {"n": 2, "steps": 32}  # to be in flight when the node is lost
 CLIENT_SLACK_S = 5.0  # a client waits this much longer than the service's timeout: the service must answer first
 APP = "movq"
 
@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--after", type=float, default=8.0, help="seconds of load after it")
     parser.add_argument("--timeout", type=float, default=10.0, help="the service's request timeout (s); each "
                         f"client waits {CLIENT_SLACK_S:g} s longer")
-    parser.add_argument("--burst", type=int, default=8, help="long requests (n=8, 48 steps) sent 0.2 s before the "
-                        "node is lost, to be in flight on it")
+    parser.add_argument("--burst", type=int, default=16, help="long requests (n=2, 32 steps) sent over the 0.5 s "
+                        "before the node is lost, so that the router spreads them and some are in flight on it")
     parser.add_argument("--recovery-timeout", type=float, default=120.0, help="most seconds to wait for 2 replicas")
     parser.add_argument("--bulk-images", type=int, default=24)
     parser.add_argument("--bulk-shard-size", type=int, default=2)
@@ -144,24 +144,20 @@ async def _request(client, url: str, seed: int, timeout: float, started: float, 
 
 
 async def open_loop(url: str, rate: float, seconds: float, timeout: float, seed: int, started: float,
-                    burst_at: float, burst: int) -> list:
+                    burst_from: float, burst_to: float, burst: int) -> list:
     """Poisson arrivals from `started` (time.monotonic) for `seconds`, whatever the answers, plus `burst` long
-    requests at `burst_at` seconds; the records."""
+    requests evenly from `burst_from` to `burst_to` seconds; the records."""
     import httpx
 
     rng = np.random.default_rng(seed)
-    arrival, tasks, burst_sent = 0.0, [], False
+    times = [(t, None) for t in np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 2) + 10)) if t <= seconds]
+    times += [(t, {**LONG_REQUEST, "seed": 10**6 + i}) for i, t in enumerate(np.linspace(burst_from, burst_to, burst))]
+    tasks = []
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as client:
-        while True:
-            arrival += rng.exponential(1.0 / rate)
-            if arrival > seconds:
-                break
+        for arrival, body in sorted(times, key=lambda item: item[0]):
             await asyncio.sleep(max(0.0, started + arrival - time.monotonic()))
-            if not burst_sent and arrival >= burst_at:
-                burst_sent = True
-                tasks += [asyncio.create_task(_request(client, url, 10**6 + i, timeout, started,
-                                                       {**LONG_REQUEST, "seed": 10**6 + i})) for i in range(burst)]
-            tasks.append(asyncio.create_task(_request(client, url, len(tasks), timeout, started)))
+            seed = body["seed"] if body else len(tasks)
+            tasks.append(asyncio.create_task(_request(client, url, seed, timeout, started, body)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -195,7 +191,8 @@ def serving_scenario(args, cluster, worker, engine_dir: str) -> dict:
     fault_timer = threading.Timer(args.before, fault)  # in its own thread: the arrivals go on meanwhile
     fault_timer.start()
     records = asyncio.run(open_loop(url, args.rate, args.before + args.after, args.timeout + CLIENT_SLACK_S, args.seed,
-                                    started, burst_at=args.before - 0.2, burst=args.burst))
+                                    started, burst_from=args.before - 0.6, burst_to=args.before - 0.1,
+                                    burst=args.burst))
     fault_timer.join()
     survivor = [httpx.post(url, json={"n": 1, "seed": 0, "format": "png"}, timeout=args.timeout) for _ in range(3)]
     replicas_after_loss = replica_states()

@@ -247,7 +247,7 @@ class Scheduler:
             reason = "overload"
             message = (f"overloaded: {self._queued_images} images already queued (limit {config.max_queued_images}); "
                        f"retry later")
-            retry_after = self.costs.seconds_per_image(self._mean_steps()) * (
+            retry_after = self.costs.seconds_per_image(self._mean_steps(), config.capacity) * (
                 self._queued_images + n - config.max_queued_images)
         else:
             wait = self.estimated_wait(n)
@@ -284,7 +284,7 @@ class Scheduler:
         must_finish = self._images_ahead() + n - self.config.capacity  # images ahead that must leave their slots
         if must_finish <= 0:
             return 0.0
-        return must_finish * self.costs.seconds_per_image(self._mean_steps())
+        return must_finish * self.costs.seconds_per_image(self._mean_steps(), self.config.capacity)
 
     def _check_count(self, n) -> int:
         limit = self.config.max_request_images
@@ -298,7 +298,7 @@ class Scheduler:
         with self._wake:
             return {**self._stats, "prior_calls": self._prior_calls, "queued_images": self._queued_images,
                     "active_images": len(self._active), "decoding_images": len(self._finished),
-                    "step_seconds_per_row": self.costs.step_seconds_per_row,
+                    "full_step_seconds": self.costs.step_seconds(self.config.capacity),
                     "decode_seconds_per_image": self.costs.decode_seconds_per_image}
 
     # ------------------------------------------------------------------------------------------ engine loop
@@ -493,41 +493,55 @@ class Scheduler:
 
 
 class EngineCosts:
-    """What the engine loop costs, exponentially averaged over its recent calls (SMOOTHING): seconds per image row
-    of a prior call (the whole step: the call and its numpy work) and seconds per decoded image. Written by the
-    engine loop, read by submitters for the admission estimate; before the first calls they count as 0 (nothing is
-    refused by deadline until something has been measured)."""
+    """What the engine loop costs, exponentially averaged over its recent calls (SMOOTHING): the wall time of a prior
+    step (the call and its numpy work) at each batch size, in powers of two, and the decoder's time per image. Written
+    by the engine loop, read by submitters for the admission estimate.
+
+    A step's time grows with its rows, but less than in proportion (a call has a fixed cost), so it is kept per batch
+    size and interpolated between the sizes measured. Beyond the largest size measured it is taken as that size's: an
+    estimate that errs towards admitting, corrected by the first call at the larger size (the engine runs full
+    batches exactly when the queue, and so the estimate, matters). Before the first calls the costs count as 0:
+    nothing is refused by deadline until something has been measured."""
 
     def __init__(self):
-        self._step = _Average()  # seconds and rows of prior calls
+        self._steps = {}  # batch-size bucket (rows' bit length) -> _Average of (seconds, rows) of its calls
         self._decode = _Average()  # seconds and images of decoder calls
 
     def record_step(self, rows: int, seconds: float) -> None:
-        self._step.add(seconds, rows)
+        self._steps.setdefault(rows.bit_length(), _Average()).add(seconds, rows)
 
     def record_decode(self, images: int, seconds: float) -> None:
         self._decode.add(seconds, images)
 
-    @property
-    def step_seconds_per_row(self) -> Optional[float]:
-        return self._step.ratio
+    def step_seconds(self, rows: int) -> float:
+        """A prior step's estimated seconds at `rows` images (0 before any was measured)."""
+        points = sorted((average.size, average.cost) for average in list(self._steps.values()))
+        if not points:
+            return 0.0
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if rows <= x1:
+                return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+        return points[-1][1]
 
     @property
-    def decode_seconds_per_image(self) -> Optional[float]:
-        return self._decode.ratio
+    def decode_seconds_per_image(self) -> float:
+        return self._decode.ratio or 0.0
 
-    def seconds_per_image(self, steps: float) -> float:
-        """The engine loop's time per image of `steps` steps at full batch: its rows of the prior calls, its decode."""
-        return steps * (self._step.ratio or 0.0) + (self._decode.ratio or 0.0)
+    def seconds_per_image(self, steps: float, capacity: int) -> float:
+        """The engine loop's time per image of `steps` steps at a full batch of `capacity`: its share of the prior
+        steps, and its decode."""
+        return steps * self.step_seconds(capacity) / capacity + self.decode_seconds_per_image
 
     def service_seconds(self, steps: int, batch: int) -> float:
-        """An image's time from its slot to its answer among `batch` images: each loop pass runs `batch` rows and
-        decodes about batch/steps images, for `steps` passes."""
-        return batch * self.seconds_per_image(steps)
+        """An image's time from its slot to its answer among `batch` images: `steps` steps of `batch` rows, and the
+        decoding of those images interleaved."""
+        return steps * self.step_seconds(batch) + batch * self.decode_seconds_per_image
 
 
 class _Average:
-    """Exponential averages of a cost and of its size, whose ratio is the cost per unit (rows, images)."""
+    """Exponential averages of a cost and of its size (rows, images)."""
 
     def __init__(self):
         self.cost: Optional[float] = None

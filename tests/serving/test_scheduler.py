@@ -189,8 +189,8 @@ def _held_engine(generator, monkeypatch):
 def test_admission_by_deadline_refuses_at_once_with_the_estimated_retry_delay(tiny_generator):
     scheduler = Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=64, max_request_images=8,
                                                           max_queue_wait_s=2.0))
-    # Measured costs, as the loop averages them: 0.5 s per prior-call row, nothing for decoding; so an image of 2
-    # steps holds its slot for 1 s, and with 2 slots one image leaves a slot every 1 s.
+    # Measured costs, as the loop averages them: 1 s per prior step of 2 images, nothing for decoding; so an image of
+    # 2 steps holds its slot for 2 s, and with 2 slots one image leaves a slot every 1 s.
     scheduler.costs.record_step(rows=2, seconds=1.0)
     scheduler.costs.record_decode(images=1, seconds=0.0)
     for _ in range(4):  # waits 0, 0, 1 and 2 s for their slots: within 2 s
@@ -204,7 +204,7 @@ def test_admission_by_deadline_refuses_at_once_with_the_estimated_retry_delay(ti
     with pytest.raises(Overloaded) as refused:  # its last image would wait 4 + 4 - 2 = 6 s: retry in 4 s
         scheduler.submit_sample(n=4, steps=2)
     assert refused.value.retry_after_s == pytest.approx(4.0)
-    # A request's own timeout counts too: no wait, but 2 images x 1 s of service do not fit in 1.5 s.
+    # A request's own timeout counts too: no wait, but 2 steps of 1 s do not fit in 1.5 s.
     idle = Scheduler(tiny_generator, SchedulerConfig(capacity=2))
     idle.costs.record_step(rows=2, seconds=1.0)
     with pytest.raises(Overloaded, match="exceed this request's timeout of 1.5 s"):
@@ -225,7 +225,7 @@ def test_the_deadline_is_measured_on_the_running_engine(tiny_generator, monkeypa
     monkeypatch.setattr(runner, "run", slow_run)
     with Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=256, max_queue_wait_s=0.5)) as s:
         s.submit_sample(n=2, steps=4).future.result(TIMEOUT)  # measures the costs
-        assert s.stats()["step_seconds_per_row"] >= 0.01
+        assert s.stats()["full_step_seconds"] >= 0.02
         jobs, refused = [], 0
         for _ in range(100):  # 100 images of 4 steps at about 20 ms per call of 2: far beyond 0.5 s of queue
             try:
@@ -256,3 +256,20 @@ def test_a_request_whose_timeout_passed_uses_no_engine_call(tiny_generator, monk
         stats = scheduler.stats()
     assert stats["prior_rows"] == 2  # the first request's two steps only
     assert stats["expired"] == 1 and stats["queued_images"] == 0
+
+
+def test_the_step_cost_is_kept_per_batch_size_and_interpolated():
+    from movq_deploy.serving.scheduler import SMOOTHING, EngineCosts
+
+    costs = EngineCosts()
+    assert costs.step_seconds(64) == 0.0 and costs.seconds_per_image(8, 64) == 0.0  # nothing measured: no refusal
+    costs.record_step(rows=1, seconds=0.001)
+    assert costs.step_seconds(64) == 0.001  # beyond what was measured: the largest size's cost (errs to admit)
+    costs.record_step(rows=64, seconds=0.020)
+    assert costs.step_seconds(1) == 0.001 and costs.step_seconds(64) == 0.020
+    assert costs.step_seconds(32) == pytest.approx(0.001 + 0.019 * 31 / 63)  # between: linear
+    costs.record_step(rows=64, seconds=0.030)  # averaged: the newest call weighs SMOOTHING
+    assert costs.step_seconds(64) == pytest.approx(0.020 + SMOOTHING * 0.010)
+    assert costs.step_seconds(1) == 0.001  # other sizes keep theirs
+    costs.record_decode(images=16, seconds=0.032)
+    assert costs.seconds_per_image(steps=8, capacity=64) == pytest.approx(8 * costs.step_seconds(64) / 64 + 0.002)
