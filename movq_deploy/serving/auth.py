@@ -6,7 +6,8 @@ how a browser sends it for the web page at /ui after asking for it once. A missi
 Keys are compared in constant time (hmac.compare_digest), so the time of an answer tells nothing about the key.
 
 Binding to an address other than loopback without a key is refused, unless `--no-auth` says the network is trusted
-(TorchServe turned token authorization on by default for the same reason).
+(TorchServe turned token authorization on by default for the same reason). `movq-deploy ui` (the page on its own
+gradio server) follows the same rule, with gradio's login page asking for the key.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import hmac
 import ipaddress
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 API_KEY_ENV = "MOVQ_API_KEY"
 OPEN_PATHS = ("/healthz",)
@@ -44,6 +45,12 @@ def check_exposure(host: str, api_key: Optional[str], no_auth: bool) -> None:
     if api_key is None and not no_auth and not is_loopback(host):
         raise ValueError(f"--host {host} opens the service to the network: give --api-key (or ${API_KEY_ENV}), or "
                          f"--no-auth if the network is trusted")
+
+
+def password_check(api_key: str) -> Callable[[str, str], bool]:
+    """gradio's auth callable for `movq-deploy ui`: any user name, the key as the password (constant-time)."""
+    key = api_key.encode()
+    return lambda username, password: hmac.compare_digest(password.encode(), key)
 
 
 def presented_key(authorization: bytes) -> Optional[bytes]:
