@@ -165,6 +165,10 @@ def test_overload_gets_503_with_retry_after(tiny_engines):
     try:
         with TestClient(build_api(service), raise_server_exceptions=False) as client:
             busy = service.scheduler.submit_sample(n=2, steps=1)  # 1 image in the engine, 1 queued
+            deadline = time.monotonic() + 60
+            while service.scheduler.stats()["active_images"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
             response = client.post("/v1/sample", json={"n": 2})  # 1 + 2 > 2 queued images
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1" and "overloaded" in response.json()["detail"]
