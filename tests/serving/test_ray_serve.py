@@ -190,9 +190,9 @@ def test_a_full_router_queue_refuses_in_json_with_retry_after(tiny_engines, serv
     url = _deploy_config(serve_port, "tight", config)
     try:
         long_results, short_results = [], []
-        threads = [_post_in_thread(url, {"n": 1, "steps": 2000}, long_results)]  # in the engine for 1 s at least
+        threads = [_post_in_thread(url, {"n": 1, "steps": 1000}, long_results)]  # in the engine for 0.3 s at least
         time.sleep(0.05)
-        threads.append(_post_in_thread(url, {"n": 1, "steps": 2000}, long_results))  # queued in the replica
+        threads.append(_post_in_thread(url, {"n": 1, "steps": 1000}, long_results))  # queued in the replica
         time.sleep(0.1)
         # 8 more at once: 2 wait in the router's queue, the others are refused there (whoever comes first)
         threads += [_post_in_thread(url, {"n": 1, "steps": 1}, short_results) for _ in range(8)]
