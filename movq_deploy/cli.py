@@ -138,15 +138,19 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def ui(args: argparse.Namespace) -> int:
+    from movq_deploy.serving.auth import check_exposure, key_from
+
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    api_key = key_from(args.api_key)
+    check_exposure(args.host, api_key, args.no_auth)
     try:
         from movq_deploy.ui.app import launch, local_page
     except ImportError as error:  # gradio is an extra: say how to get it
         raise RuntimeError(f"the ui command needs gradio ({error}); pip install 'movq-deploy[ui]'") from None
     blocks = local_page(args.engine_dir, backend=args.backend, precision=args.precision, batch_size=args.batch_size)
     print(f"serving the page for {args.engine_dir} at http://{args.host}:{args.port}/ (Ctrl+C stops it)")
-    launch(blocks, host=args.host, port=args.port)
+    launch(blocks, host=args.host, port=args.port, api_key=api_key)
     return 0
 
 
@@ -204,8 +208,11 @@ def _parser() -> argparse.ArgumentParser:
     add_serving_commands(command)
 
     sub = command("ui", ui, "serve a web page to sample, inpaint / outpaint and reconstruct (needs the ui extra)")
-    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                     "any other address needs --api-key or --no-auth)")
     sub.add_argument("--port", type=int, default=7860)
+    sub.add_argument("--api-key", default=None, help="the page's password (default: $MOVQ_API_KEY)")
+    sub.add_argument("--no-auth", action="store_true", help="serve beyond loopback without a key (a trusted network)")
     return parser
 
 

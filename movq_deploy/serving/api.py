@@ -7,8 +7,11 @@
     GET  /healthz
     GET  /ui/         the web page (movq_deploy.ui) over the same service, when ServiceConfig.page is set
 
-Every error is JSON {"detail": one line}: 400 bad values, 413 body too large, 422 malformed JSON or wrong field
-types, 503 overloaded (with Retry-After), 504 timed out. The same seed gives the same images as the library.
+Every error is JSON {"detail": one line}: 400 bad values, 401 a missing or wrong key (when the service has one),
+413 body too large, 422 malformed JSON or wrong field types, 503 overloaded (with Retry-After from the queue's
+estimate), 504 timed out. A request may say how long its client waits (header X-Request-Timeout-Seconds, the one Ray
+Serve's proxy reads too); answers carry Server-Timing (queue and engine milliseconds). The same seed gives the same
+images as the library.
 """
 from __future__ import annotations
 
@@ -20,19 +23,22 @@ import logging
 from typing import List, Literal, Optional, Union
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 
+from movq_deploy.serving.auth import KeyRequired
+from movq_deploy.serving.proxy import REFUSING_HEADER, is_generation
 from movq_deploy.serving.scheduler import Overloaded
-from movq_deploy.serving.service import ImageService
+from movq_deploy.serving.service import ImageService, Served
 
 logger = logging.getLogger("movq_deploy")
 
 Label = Union[StrictInt, str, None]
 Number = Union[StrictInt, StrictFloat]
+TIMEOUT_HEADER = "X-Request-Timeout-Seconds"  # Ray Serve's proxy name for a request's own timeout
 
 
 class SampleBody(BaseModel):
@@ -51,8 +57,11 @@ class SampleBody(BaseModel):
 def build_api(service: ImageService) -> FastAPI:
     """The FastAPI app of one replica (Ray Serve's ingress; also runs on its own, e.g. under a test client)."""
     app = FastAPI(title="movq-deploy", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)
-    _add_error_handlers(app, service.config.retry_after_s)
+    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes, metrics=service.metrics)
+    app.add_middleware(EarlyRefusal, service=service)
+    if service.config.api_key is not None:
+        app.add_middleware(KeyRequired, api_key=service.config.api_key)  # added last: runs first
+    _add_error_handlers(app, service)
 
     @app.get("/healthz")
     async def healthz():
@@ -65,11 +74,11 @@ def build_api(service: ImageService) -> FastAPI:
         return service.info()
 
     @app.post("/v1/sample")
-    async def sample(body: SampleBody):
+    async def sample(body: SampleBody, timeout: Optional[float] = Header(None, alias=TIMEOUT_HEADER)):
         _check_png_request(body.format, body.n)
-        images, seed = await service.sample(body.n, body.seed, body.class_labels, body.steps, body.temperature,
-                                            body.choice_temperature, body.guidance_scale)
-        return await _respond(images, seed, body.format)
+        served = await service.sample(body.n, body.seed, body.class_labels, body.steps, body.temperature,
+                                      body.choice_temperature, body.guidance_scale, timeout_s=timeout)
+        return await _respond(served, body.format)
 
     @app.post("/v1/edit")
     async def edit(
@@ -85,6 +94,7 @@ def build_api(service: ImageService) -> FastAPI:
         paste_original: bool = Form(False),
         feather: int = Form(2),
         format: Literal["json", "png"] = Form("json"),
+        timeout: Optional[float] = Header(None, alias=TIMEOUT_HEADER),
     ):
         _check_png_request(format, n)
         n = service.check_count(n)
@@ -93,10 +103,10 @@ def build_api(service: ImageService) -> FastAPI:
         pixel_mask = np.asarray(_read_image(await mask.read(), "mask", size).convert("L")) >= 128
         label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
         # n fills of one image: fill i uses noise stream (seed, i), as `movq-deploy edit -n` does.
-        images, seed = await service.edit(np.repeat(pixels[None], n, axis=0), np.repeat(pixel_mask[None], n, axis=0),
-                                          seed, label, steps, temperature, choice_temperature, paste_original,
-                                          feather, guidance_scale)
-        return await _respond(images, seed, format)
+        served = await service.edit(np.repeat(pixels[None], n, axis=0), np.repeat(pixel_mask[None], n, axis=0),
+                                    seed, label, steps, temperature, choice_temperature, paste_original, feather,
+                                    guidance_scale, timeout_s=timeout)
+        return await _respond(served, format)
 
     if service.config.page:
         from movq_deploy.ui.app import mount  # the ui extra (gradio), only when the page is asked for
@@ -126,12 +136,16 @@ def _read_image(data: bytes, field: str, size: int) -> Image.Image:
     return image
 
 
-async def _respond(images: np.ndarray, seed: int, format: str) -> Response:
+async def _respond(served: Served, format: str) -> Response:
+    headers = {"X-Seed": str(served.seed)}
+    if served.queue_s is not None:  # https://www.w3.org/TR/server-timing/
+        headers["Server-Timing"] = f"queue;dur={served.queue_s * 1e3:.1f}, engine;dur={served.engine_s * 1e3:.1f}"
+    images = served.images
     if format == "png":
         png = await asyncio.to_thread(_png, images[0])
-        return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
+        return Response(png, media_type="image/png", headers=headers)
     encoded = await asyncio.to_thread(lambda: [base64.b64encode(_png(image)).decode("ascii") for image in images])
-    return JSONResponse({"seed": seed, "n": len(images), "images": encoded})
+    return JSONResponse({"seed": served.seed, "n": len(images), "images": encoded}, headers=headers)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -140,8 +154,10 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+def _add_error_handlers(app: FastAPI, service: ImageService) -> None:
     def error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
+        if 400 <= status < 500 and status != 401:  # 401s are answered by KeyRequired, before any of this
+            service.metrics.refused("bad_request")
         return JSONResponse({"detail": " ".join(detail.split())}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -168,8 +184,8 @@ def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error(400, str(exc))
 
     @app.exception_handler(Overloaded)
-    async def overloaded(_: Request, exc: Overloaded):
-        return error(503, str(exc), {"Retry-After": str(retry_after_s)})
+    async def overloaded(_: Request, exc: Overloaded):  # counted by reason where it was refused
+        return error(503, str(exc), {"Retry-After": exc.retry_after_header})
 
     @app.exception_handler(TimeoutError)
     async def timed_out(_: Request, exc: TimeoutError):
@@ -181,17 +197,43 @@ def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error(500, str(exc))
 
 
+class EarlyRefusal:
+    """ASGI middleware: while the engine could not take even a one-image request in time, a new sample or edit is
+    answered 503 (with Retry-After) before its body is read, let alone parsed: under overload a refusal costs little
+    (under Ray Serve, reading a body is a call back to the proxy). Other requests pass. The answer's REFUSING_HEADER
+    says for how many more seconds (the queue's estimate) every request would be refused: Ray Serve's proxies read it
+    to refuse meanwhile themselves, at less cost still (proxy.py)."""
+
+    def __init__(self, app, service: ImageService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if is_generation(scope):
+            refusal = self.service.refusal()
+            if refusal is not None:
+                body = json.dumps({"detail": str(refusal)}).encode()
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"retry-after", refusal.retry_after_header.encode()),
+                                        (REFUSING_HEADER, f"{refusal.retry_after_s:.3f}".encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a body larger than max_bytes gets 413, by its Content-Length or while it streams in."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            self.metrics.refused("bad_request")
             body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"),

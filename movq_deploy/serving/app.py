@@ -9,18 +9,29 @@ one. See docs/SERVING.md.
 from __future__ import annotations
 
 import logging
+import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.schema import LoggingConfig
 
 from movq_deploy.serving.api import build_api
+from movq_deploy.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from movq_deploy.serving.service import ImageService, ServiceConfig
 
 logger = logging.getLogger("movq_deploy")
 APP_NAME = "movq"
+# The environment of the Ray nodes: each node's HTTP proxy answers its own errors in JSON (proxy.py). start() sets it
+# for the Ray it starts; on a cluster started with `ray start`, export it on every node first (docs/SERVING.md).
+RAY_NODE_ENV = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+# Node failures (docs/SERVING.md, "Node failures"): how often the controller asks a replica whether it is healthy,
+# how long it waits for the answer; three failed checks in a row and Ray Serve replaces the replica.
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class ScaleConfig:
     target_ongoing_requests: float = 16.0  # autoscaling target per replica
     num_cpus: float = 1.0  # per replica
     num_gpus: Optional[float] = None  # per replica; None: 1 when the Ray cluster has GPUs, else 0
+    max_replicas_per_node: Optional[int] = None  # e.g. 1: a node's loss takes one replica, not all of them
 
     def __post_init__(self):
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -41,6 +53,8 @@ class ScaleConfig:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.replicas < 1 or self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("replicas must be >= 1, and num_cpus / num_gpus >= 0")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise ValueError(f"max_replicas_per_node must be >= 1, got {self.max_replicas_per_node}")
 
 
 @serve.deployment(name="MovqDeploy")
@@ -49,7 +63,9 @@ class MovqDeployment:
     """One replica: opens the engine directory fixed at start; requests never name files."""
 
     def __init__(self, service_config: dict):
-        self.service = ImageService(ServiceConfig(**service_config))
+        from movq_deploy.serving.metrics import ReplicaMetrics  # made here, in the replica: Ray Serve tags them
+
+        self.service = ImageService(ServiceConfig(**service_config), metrics=ReplicaMetrics())
         logger.info("movq-deploy replica ready: %s", self.service.generator)
 
     def __serve_build_asgi_app__(self):  # called by Ray Serve after __init__
@@ -69,23 +85,38 @@ def build_app(service: ServiceConfig, scale: ScaleConfig = ScaleConfig(), cluste
     """The bound Ray Serve application (for serve.run). The engine dir is made absolute here, once."""
     service = ServiceConfig(**{**service.to_dict(), "engine_dir": str(Path(service.engine_dir).resolve())})
     num_gpus = scale.num_gpus if scale.num_gpus is not None else (1.0 if cluster_gpus > 0 else 0.0)
-    # Every request a replica can hold reaches it (its own queue refuses the excess with 503 at once); beyond that,
-    # Ray Serve's router holds a few more and refuses the rest with 503 too.
-    ongoing = service.max_queued_images + service.capacity
+    holds = service.max_queued_images + service.capacity  # the most requests a replica can hold (n >= 1 each)
     options = dict(
-        max_ongoing_requests=ongoing,
-        max_queued_requests=ongoing,
+        # Every request a replica can hold reaches it: its admission refuses the excess at once (503, by deadline
+        # or by its queue's bound) and knows how long the wait is; Ray Serve's router does not.
+        max_ongoing_requests=holds,
+        # So a request waits in a proxy's router only while every replica holds all it can, and then each refuses
+        # what exceeds its deadline at once, which empties the router's queue as fast as the replicas answer. Its
+        # bound keeps what waits there to one replica's worth (Ray counts a request as queued while it is being
+        # routed, so a bound near 0 would refuse simultaneous arrivals); beyond it the router refuses at once with
+        # 503 + Retry-After (answered in JSON by proxy.py).
+        max_queued_requests=holds,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=service.retry_after_s),
         ray_actor_options={"num_cpus": scale.num_cpus, "num_gpus": num_gpus},
-        health_check_period_s=2.0,
-        health_check_timeout_s=30.0,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=5.0,
+        logging_config=logging_config(service),
     )
+    if scale.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = scale.max_replicas_per_node
     if scale.min_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas,
                                          "target_ongoing_requests": scale.target_ongoing_requests}
     else:
         options["num_replicas"] = scale.replicas
     return MovqDeployment.options(**options).bind(service.to_dict())
+
+
+def logging_config(service: ServiceConfig) -> LoggingConfig:
+    """Ray Serve's logging of a replica or a proxy: no access-log line per request unless asked for (each costs CPU
+    on the request path and a line on stderr); warnings and errors are logged either way."""
+    return LoggingConfig(enable_access_log=service.access_log)
 
 
 def app_builder(args: dict):
@@ -125,9 +156,14 @@ def start(service: ServiceConfig, scale: ScaleConfig = ScaleConfig(), host: str 
     import ray
 
     if not ray.is_initialized():
-        # address None: RAY_ADDRESS if set, else a local Ray (the embedded default).
+        for name, value in RAY_NODE_ENV.items():  # inherited by the Ray processes this starts (not a running cluster's)
+            os.environ.setdefault(name, value)
+        # address None: RAY_ADDRESS if set, else a Ray of its own (the embedded default; Ray's own default would join
+        # any other Ray running on this machine).
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": service.request_timeout_s + 30})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": service.request_timeout_s + 30},
+                logging_config=logging_config(service))
     app = build_app(service, scale, ray.cluster_resources().get("GPU", 0.0))
     handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     logger.info("movq-deploy serving %s on http://%s:%d (batching: %s)", service.engine_dir, host, port,

@@ -112,6 +112,8 @@ def write_shard(generator, config: BulkConfig, shard: int) -> int:
 
     out = Path(config.out)
     start, stop = shard * config.shard_size, min(config.num_images, (shard + 1) * config.shard_size)
+    if shard_dir(out, shard).is_dir():  # Ray retried a task whose first try completed it (its worker died after)
+        return stop - start
     partial = out / f".shard-{shard:05d}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -159,6 +161,7 @@ def generate(config: BulkConfig, workers: Optional[int] = None, cpus_per_worker:
             done += 1
             if progress is not None:
                 progress(done, config.num_shards)
+        _remove_partials(out)  # of workers lost mid-shard (Ray wrote those shards again elsewhere)
     return _write_index(config, out)
 
 
@@ -189,13 +192,17 @@ def _prepare_out(config: BulkConfig, out: Path) -> List[int]:
                              f"use another --out")
     else:
         atomic_write_text(params_path, json.dumps(params, indent=2) + "\n")
-    for partial in out.glob(".shard-*.partial-*"):
-        shutil.rmtree(partial, ignore_errors=True)
+    _remove_partials(out)
     todo = [shard for shard in range(config.num_shards) if not shard_dir(out, shard).is_dir()]
     if len(todo) < config.num_shards:
         logger.info("movq-deploy generate: %d of %d shards already complete, skipped", config.num_shards - len(todo),
                     config.num_shards)
     return todo
+
+
+def _remove_partials(out: Path) -> None:
+    for partial in out.glob(".shard-*.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _manifest_digest(engine_dir: str) -> str:

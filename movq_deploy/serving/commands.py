@@ -1,6 +1,7 @@
 """The `movq-deploy serve` and `movq-deploy generate` commands (Ray is imported only when they run).
 
     movq-deploy serve --engine-dir engines/ [--replicas N] [--host 127.0.0.1] [--port 8000] [--address ADDR] [--ui]
+    movq-deploy serve --engine-dir engines/ --no-ray      # one process: the same API under uvicorn, no Ray
     movq-deploy generate --engine-dir engines/ --num-images 50000 --seed 0 --out fid-samples/ [--class-labels ...]
 """
 from __future__ import annotations
@@ -17,7 +18,10 @@ def add_serving_commands(command: AddCommand) -> None:
     """Adds serve and generate through cli's `command(name, function, help)` (engine-dir/backend/precision/batch)."""
     sub = command("serve", serve, "serve the engine directory over HTTP with Ray Serve (see docs/SERVING.md)")
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                     "only; 0.0.0.0 opens the service to the network)")
+                     "only; any other address needs --api-key or --no-auth)")
+    sub.add_argument("--api-key", default=None, help="bearer token every request must carry (default: "
+                     "$MOVQ_API_KEY; prefer the variable: a command line is visible to other users)")
+    sub.add_argument("--no-auth", action="store_true", help="serve beyond loopback without a key (a trusted network)")
     sub.add_argument("--port", type=int, default=8000)
     sub.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     sub.add_argument("--replicas", type=int, default=1, help="replicas (each: one Generator + one scheduler)")
@@ -32,6 +36,13 @@ def add_serving_commands(command: AddCommand) -> None:
     sub.add_argument("--max-request-images", type=int, default=16, help="largest n of one request")
     sub.add_argument("--max-steps", type=int, default=64, help="most steps one request may ask for")
     sub.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
+    sub.add_argument("--max-queue-wait", type=float, default=2.0, help="refuse (503) a request whose estimated wait "
+                     "for the engine is longer (seconds; default 2, see docs/SERVING.md)")
+    sub.add_argument("--access-log", action="store_true", help="a log line per request (off: it costs CPU)")
+    sub.add_argument("--max-replicas-per-node", type=int, default=None,
+                     help="e.g. 1: a lost node takes one replica with it, not several")
+    sub.add_argument("--no-ray", action="store_true", help="one process without Ray: the same scheduler and API "
+                     "under uvicorn (no replicas, no cluster, no metrics export)")
     sub.add_argument("--ui", action="store_true", help="also serve the web page at /ui (needs the ui extra)")
 
     sub = command("generate", generate, "generate many images on Ray Data into PNG shards with an index")
@@ -52,20 +63,32 @@ def add_serving_commands(command: AddCommand) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from movq_deploy.serving.app import ScaleConfig, start
+    from movq_deploy.serving.auth import check_exposure, key_from
     from movq_deploy.serving.service import ServiceConfig
 
+    api_key = key_from(args.api_key)
+    check_exposure(args.host, api_key, args.no_auth)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     service = ServiceConfig(args.engine_dir, backend=args.backend, precision=args.precision,
                             batching=args.batching, capacity=args.batch_size or 64,
                             max_queued_images=args.max_queued_images, max_request_images=args.max_request_images,
-                            max_steps=args.max_steps, request_timeout_s=args.request_timeout, page=args.ui,
-                            threads=args.threads, shared_pool=bool(args.shared_pool))
-    scale = ScaleConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                        target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.cpus_per_replica,
-                        num_gpus=args.gpus_per_replica)
+                            max_steps=args.max_steps, request_timeout_s=args.request_timeout,
+                            max_queue_wait_s=args.max_queue_wait, page=args.ui, threads=args.threads,
+                            shared_pool=bool(args.shared_pool), access_log=args.access_log, api_key=api_key)
     _check_engine_dir(args.engine_dir)
     if args.ui and importlib.util.find_spec("gradio") is None:
         raise RuntimeError("--ui needs gradio: pip install 'movq-deploy[ui]'")
+    if args.no_ray:
+        from movq_deploy.serving.standalone import serve_standalone
+
+        serve_standalone(service, host=args.host, port=args.port)
+        return 0
+    from movq_deploy.serving.app import ScaleConfig, start
+
+    scale = ScaleConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                        target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.cpus_per_replica,
+                        num_gpus=args.gpus_per_replica, max_replicas_per_node=args.max_replicas_per_node)
     start(service, scale, host=args.host, port=args.port, address=args.address, blocking=True)
     return 0
 

@@ -10,9 +10,14 @@ engine loop (a thread) repeats:
    most two calls);
 3. decode the images that finished their T steps, in batches.
 
-Requests come in from any thread or from asyncio (`Job.wait`), and get a concurrent.futures.Future. Waiting images are
-bounded: a request that does not fit is refused at once with `Overloaded`. The invariant: a served image equals
-`Generator.sample` (or `edit`) with the same seed and image index, bit for bit, whatever shared its batches.
+Requests come in from any thread or from asyncio (`Job.wait`), and get a concurrent.futures.Future. Admission is by
+deadline: the loop keeps exponential averages of what a prior call costs per image row and what decoding costs per
+image (EngineCosts), and a request whose estimated wait for its slots exceeds `max_queue_wait_s`, or that could not
+be answered within its own timeout, is refused at once with `Overloaded`, with a retry delay from the same estimate.
+Waiting images are also bounded in number (memory). A request that is cancelled (its client has gone) or whose
+timeout has passed is dropped at the next step boundary; one still waiting never reaches an engine call. The
+invariant: a served image equals `Generator.sample` (or `edit`) with the same seed and image index, bit for bit,
+whatever shared its batches.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import collections
 import logging
 import math
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
@@ -35,8 +41,42 @@ from movq_deploy.serving.steps import of_image
 logger = logging.getLogger("movq_deploy")
 
 
+REFUSAL_REASONS = ("overload", "deadline", "bad_request")  # the reasons a request is refused, as metrics count them
+SMOOTHING = 0.1  # weight of the newest engine call in the averaged costs: about the last 10 calls count
+
+
 class Overloaded(RuntimeError):
-    """The scheduler's queue is full: retry later (HTTP 503 with Retry-After)."""
+    """Refused at once; the same request would be refused for about `retry_after_s` more seconds, the queue's own
+    estimate (HTTP 503 with Retry-After, whole seconds, at least 1). `reason`: "overload" (the queue holds as many
+    images as it may) or "deadline" (the estimated wait exceeds max_queue_wait_s, or the request's own timeout)."""
+
+    def __init__(self, message: str, reason: str = "overload", retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+    @property
+    def retry_after_header(self) -> str:
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class EngineMetrics:
+    """What the scheduler reports as it runs, for an exporter (serving/metrics.py); these no-ops report nothing.
+    Called from the engine loop (prior_call, decode_call, served, occupancy) and from submitters (refused)."""
+
+    def prior_call(self, rows: int, seconds: float) -> None:
+        """One prior-step call of `rows` images took `seconds`."""
+
+    def decode_call(self, images: int, seconds: float) -> None:
+        """One decoder call of `images` images took `seconds`."""
+
+    def served(self, images: int) -> None:
+        """A request's `images` were answered."""
+
+    def refused(self, reason: str) -> None:
+        """A request was refused (one of REFUSAL_REASONS)."""
+
+    def occupancy(self, queued_images: int, active_images: int) -> None:
+        """The images waiting for a slot and the images in slots, now."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +86,9 @@ class SchedulerConfig:
     max_request_images: int = 64  # the most images one request may ask for
     decode_batch: int = 16  # images per decoder call (DEFAULT_IMAGE_BATCH)
     max_decode_wait_steps: int = 2  # a finished image waits at most this many prior calls for a fuller decode batch
+    # A request whose estimated wait for its slots is longer is refused at once (None: no deadline, only the bound
+    # on queued images). Why 2 s: docs/SERVING.md, "Admission by deadline".
+    max_queue_wait_s: Optional[float] = 2.0
 
     def __post_init__(self):
         for name in ("capacity", "max_queued_images", "max_request_images", "decode_batch"):
@@ -56,16 +99,22 @@ class SchedulerConfig:
                              f"({self.max_queued_images}): such a request could never be queued")
         if self.max_decode_wait_steps < 0:
             raise ValueError(f"max_decode_wait_steps must be >= 0, got {self.max_decode_wait_steps}")
+        if self.max_queue_wait_s is not None and not self.max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 (or None), got {self.max_queue_wait_s!r}")
 
 
 @dataclass
 class Job:
-    """One request: `future` resolves to uint8 [n,H,W,3] (or raises); `seed` is the one used (drawn if not given)."""
+    """One request: `future` resolves to uint8 [n,H,W,3] (or raises); `seed` is the one used (drawn if not given).
+    The times (time.monotonic) say where it spent its time: submitted, first image in a slot, answered."""
 
     kind: str  # "sample" | "edit"
     n: int
     seed: int
     future: Future = field(default_factory=Future, repr=False)
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+    answered_at: Optional[float] = None
 
     async def wait(self) -> np.ndarray:
         """Awaits the images from asyncio; cancelling the await drops the job's images at the next step boundary."""
@@ -85,6 +134,7 @@ class _Request:
     images: Optional[np.ndarray] = None  # uint8 [n,H,W,3], filled as images are decoded
     admitted: int = 0  # images handed to the engine so far (in order)
     remaining: int = 0  # images not decoded yet
+    expires_at: float = math.inf  # time.monotonic() after which nobody waits for the answer
 
     @property
     def dropped(self) -> bool:
@@ -112,12 +162,16 @@ class _Image:
 class Scheduler:
     """Continuous batching over one Generator; `start()` runs the engine loop in a daemon thread."""
 
-    def __init__(self, generator: Generator, config: SchedulerConfig = SchedulerConfig()):
+    def __init__(self, generator: Generator, config: SchedulerConfig = SchedulerConfig(),
+                 metrics: Optional[EngineMetrics] = None):
         self.generator = generator
         self.config = config
+        self.metrics = metrics or EngineMetrics()
+        self.costs = EngineCosts()
         self._prior_step = generator.prior_step_fn()
         self._waiting: Deque[_Request] = collections.deque()
         self._queued_images = 0  # images of waiting requests not admitted yet
+        self._queued_steps = 0  # their steps, summed
         self._active: List[_Image] = []
         self._finished: Deque[_Image] = collections.deque()
         self._prior_calls = 0
@@ -128,17 +182,23 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------------- requests
     def submit_sample(self, n: int = 1, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
-                      temperature=None, choice_temperature=None, guidance_scale=None) -> Job:
-        """Queues n new images; image i equals `Generator.sample(n, seed=seed, ...)[i]` (same steps, labels...)."""
+                      temperature=None, choice_temperature=None, guidance_scale=None,
+                      timeout_s: Optional[float] = None) -> Job:
+        """Queues n new images; image i equals `Generator.sample(n, seed=seed, ...)[i]` (same steps, labels...).
+
+        timeout_s: how long the caller waits for the answer; a request that cannot be answered within it is refused,
+        and once it has passed the request's images are dropped (TimeoutError) before they take an engine call.
+        """
         n = self._check_count(n)
         slot_mask = np.ones((n, self.generator.num_slots), dtype=bool)
         return self._submit("sample", n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale,
-                            slot_mask)
+                            slot_mask, timeout_s)
 
     def submit_edit(self, images, masks, steps: Optional[int] = None, seed: Optional[int] = None, class_labels=None,
                     temperature=None, choice_temperature=None, paste_original: bool = False,
-                    feather: int = 2, guidance_scale=None) -> Job:
-        """Queues an edit; the result equals `Generator.edit(images, masks, seed=seed, ...)` with the same arguments."""
+                    feather: int = 2, guidance_scale=None, timeout_s: Optional[float] = None) -> Job:
+        """Queues an edit; the result equals `Generator.edit(images, masks, seed=seed, ...)` with the same arguments
+        (timeout_s as for submit_sample)."""
         size = self.generator.image_size
         pixels = to_uint8_images(images, size)
         pixel_masks = to_bool_masks(masks, len(pixels), size)
@@ -147,27 +207,84 @@ class Scheduler:
             raise ValueError(f"feather must be a non-negative int (pixels), got {feather!r}")
         slot_mask = sampling.slot_mask_from_pixels(pixel_masks, self.generator.grid)
         return self._submit("edit", n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale,
-                            slot_mask, pixels=pixels, pixel_masks=pixel_masks, paste_original=bool(paste_original),
-                            feather=feather)
+                            slot_mask, timeout_s, pixels=pixels, pixel_masks=pixel_masks,
+                            paste_original=bool(paste_original), feather=feather)
 
     def _submit(self, kind, n, steps, seed, class_labels, temperature, choice_temperature, guidance_scale, slot_mask,
-                **edit) -> Job:
+                timeout_s, **edit) -> Job:
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 (or None), got {timeout_s!r}")
         # None takes the engine directory's defaults, and a fresh seed (returned in the Job).
         options = self.generator.sampling_options(n, steps, seed, class_labels, temperature, choice_temperature,
                                                   guidance_scale)
         request = _Request(Job(kind, n, options.seed), options, slot_mask, remaining=n, **edit)
+        if timeout_s is not None:
+            request.expires_at = request.job.submitted_at + timeout_s
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")
-            if self._queued_images + n > self.config.max_queued_images:
-                self._stats["refused"] += 1
-                raise Overloaded(f"overloaded: {self._queued_images} images already queued (limit "
-                                 f"{self.config.max_queued_images}); retry later")
+            refusal = self._refusal(n, options.steps, timeout_s)
+            if refusal is not None:
+                raise refusal
             self._waiting.append(request)
             self._queued_images += n
+            self._queued_steps += n * options.steps
             self._stats["requests"] += 1
             self._wake.notify()
         return request.job
+
+    def refusal(self) -> Optional[Overloaded]:
+        """The refusal a request of one image would get now (counted as a refusal), or None: while it is not None
+        every request would be refused, so a server may answer new requests with it before reading them."""
+        with self._wake:
+            return self._refusal(1, self.generator.default_steps, None)
+
+    def _refusal(self, n: int, steps: int, timeout_s: Optional[float]) -> Optional[Overloaded]:
+        """Overloaded (counted) unless a request of n images of `steps` steps can join the queue now (lock held)."""
+        config = self.config
+        reason = None
+        if self._queued_images + n > config.max_queued_images:
+            reason = "overload"
+            message = (f"overloaded: {self._queued_images} images already queued (limit {config.max_queued_images}); "
+                       f"retry later")
+            retry_after = self.costs.seconds_per_image(self._mean_steps(), config.capacity) * (
+                self._queued_images + n - config.max_queued_images)
+        else:
+            wait = self.estimated_wait(n)
+            service = self.costs.service_seconds(steps, min(config.capacity, self._images_ahead() + n))
+            if config.max_queue_wait_s is not None and wait > config.max_queue_wait_s:
+                reason = "deadline"
+                message = (f"overloaded: the estimated wait of {wait:.1f} s exceeds the server's limit of "
+                           f"{config.max_queue_wait_s:g} s; retry later")
+                retry_after = wait - config.max_queue_wait_s
+            elif timeout_s is not None and wait + service > timeout_s:
+                reason = "deadline"
+                message = (f"overloaded: the estimated wait of {wait:.1f} s and service of {service:.1f} s exceed "
+                           f"this request's timeout of {timeout_s:g} s; retry later")
+                retry_after = wait + service - timeout_s
+        if reason is None:
+            return None
+        self._stats[f"refused_{reason}"] += 1
+        self.metrics.refused(reason)
+        return Overloaded(message, reason, retry_after_s=max(0.0, retry_after))
+
+    def _images_ahead(self) -> int:
+        """Images in slots or waiting for one (lock held)."""
+        return len(self._active) + self._queued_images
+
+    def _mean_steps(self) -> float:
+        """The mean step count of the images ahead (lock held; the engine loop replaces its list, never edits it)."""
+        active = self._active
+        ahead = len(active) + self._queued_images
+        return (sum(len(image.counts) for image in active) + self._queued_steps) / ahead if ahead else 0.0
+
+    def estimated_wait(self, n: int) -> float:
+        """Seconds until the last of n new images would take a slot: images leave their slots at one per
+        EngineCosts.seconds_per_image (the loop at full batch), first in, first out; 0 while the costs are unknown."""
+        must_finish = self._images_ahead() + n - self.config.capacity  # images ahead that must leave their slots
+        if must_finish <= 0:
+            return 0.0
+        return must_finish * self.costs.seconds_per_image(self._mean_steps(), self.config.capacity)
 
     def _check_count(self, n) -> int:
         limit = self.config.max_request_images
@@ -175,11 +292,14 @@ class Scheduler:
             raise ValueError(f"n must be an int in [1, {limit}], got {n!r}")
         return n
 
-    def stats(self) -> Dict[str, int]:
-        """Counters (requests, refused, images, prior_calls, decode_calls) and the current queue, active, decoding."""
+    def stats(self) -> Dict[str, float]:
+        """Counters (requests, refused_overload, refused_deadline, expired, images, prior_calls, prior_rows,
+        decode_calls), the current queue, active and decoding images, and the averaged engine costs."""
         with self._wake:
             return {**self._stats, "prior_calls": self._prior_calls, "queued_images": self._queued_images,
-                    "active_images": len(self._active), "decoding_images": len(self._finished)}
+                    "active_images": len(self._active), "decoding_images": len(self._finished),
+                    "full_step_seconds": self.costs.step_seconds(self.config.capacity),
+                    "decode_seconds_per_image": self.costs.decode_seconds_per_image}
 
     # ------------------------------------------------------------------------------------------ engine loop
     def start(self) -> "Scheduler":
@@ -214,12 +334,15 @@ class Scheduler:
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._active or self._finished):
+                    self.metrics.occupancy(0, 0)
                     self._wake.wait()
                 if self._stopping:
                     return
                 admitted = self._take_waiting(self.config.capacity - len(self._active))
+                queued = self._queued_images
             self._guarded(self._admit, admitted)
             self._drop_cancelled()
+            self.metrics.occupancy(queued, len(self._active))
             if self._active:
                 self._guarded(self._step, [image.request for image in self._active])
             if self._decode_due():
@@ -238,22 +361,35 @@ class Scheduler:
             self._drop_cancelled()
 
     def _take_waiting(self, free: int) -> "list[tuple[_Request, int]]":
-        """(request, image position) pairs for up to `free` slots, first in first out (lock held)."""
-        taken = []
+        """(request, image position) pairs for up to `free` slots, first in first out (lock held). Requests that
+        were cancelled or whose timeout has passed are dropped here, before any engine call."""
+        taken, now = [], time.monotonic()
         while free > 0 and self._waiting:
             request = self._waiting[0]
+            if not request.dropped and now >= request.expires_at:
+                self._expire(request)
             count = 0 if request.dropped else min(free, request.job.n - request.admitted)
+            if count and request.job.started_at is None:
+                request.job.started_at = now
             taken += [(request, request.admitted + i) for i in range(count)]
             request.admitted += count
             self._queued_images -= count
+            self._queued_steps -= count * request.options.steps
             free -= count
             if request.dropped or request.admitted == request.job.n:
-                self._queued_images -= request.job.n - request.admitted
+                left = request.job.n - request.admitted
+                self._queued_images -= left
+                self._queued_steps -= left * request.options.steps
                 self._waiting.popleft()
         return taken
 
+    def _expire(self, request: _Request) -> None:
+        self._stats["expired"] += 1
+        _fail(request, TimeoutError("the request's timeout passed before it was answered; its images were dropped"))
+
     def _admit(self, admitted: "list[tuple[_Request, int]]") -> None:
         """Turns admitted positions into active images (noise drawn now); edits are encoded on first admission."""
+        entering = []
         for request, position in admitted:
             if request.tokens is None:
                 self._prepare_tokens(request)
@@ -265,10 +401,11 @@ class Scheduler:
                            of_image(options.temperature, position), of_image(options.choice_temperature, position),
                            of_image(options.guidance_scale, position), label)
             if request.slot_mask[position].any():
-                self._active.append(image)
+                entering.append(image)
             else:  # nothing to generate: the reconstruction, as Generator.edit gives it
                 image.finished_at = self._prior_calls
                 self._finished.append(image)
+        self._active = self._active + entering
 
     def _prepare_tokens(self, request: _Request) -> None:
         n, mask_id = request.job.n, self.generator.mask_id
@@ -281,12 +418,18 @@ class Scheduler:
         request.tokens = np.where(request.slot_mask, np.int32(mask_id), known).astype(np.int32)
 
     def _drop_cancelled(self) -> None:
+        """Drops the images of requests that were cancelled, failed, or whose timeout has passed."""
+        now = time.monotonic()
+        for request in {image.request for image in self._active if now >= image.request.expires_at}:
+            if not request.dropped:
+                self._expire(request)
         self._active = [image for image in self._active if not image.request.dropped]
         kept = [image for image in self._finished if not image.request.dropped]
         self._finished = collections.deque(kept)
 
     def _step(self, _requests) -> None:
         """One prior call for every active image; each advances by one of its own steps."""
+        started = time.perf_counter()
         images = self._active
         labels = None if images[0].label is None else np.array([image.label for image in images], dtype=np.int32)
         sampled, confidence = self._prior_step(
@@ -304,14 +447,18 @@ class Scheduler:
         tokens = np.where(remask, np.int32(self.generator.mask_id), sampled).astype(np.int32)
         self._prior_calls += 1
         self._stats["prior_rows"] += len(images)
-        self._active = []
+        seconds = time.perf_counter() - started
+        self.costs.record_step(len(images), seconds)
+        self.metrics.prior_call(len(images), seconds)
+        still_active = []
         for image, row in zip(images, tokens):
             image.tokens, image.step = row, image.step + 1
             if image.step == len(image.counts):
                 image.finished_at = self._prior_calls
                 self._finished.append(image)
             else:
-                self._active.append(image)
+                still_active.append(image)
+        self._active = still_active
 
     def _decode_due(self) -> bool:
         if not self._finished:
@@ -321,7 +468,11 @@ class Scheduler:
         return self._prior_calls - self._finished[0].finished_at >= self.config.max_decode_wait_steps
 
     def _decode(self, batch: List[_Image]) -> None:
+        started = time.perf_counter()
         images = self.generator.decode(np.stack([image.tokens for image in batch]), output_type="np")
+        seconds = time.perf_counter() - started
+        self.costs.record_decode(len(batch), seconds)
+        self.metrics.decode_call(len(batch), seconds)
         self._stats["decode_calls"] += 1
         for image, pixels in zip(batch, images):
             request = image.request
@@ -336,7 +487,76 @@ class Scheduler:
             images = paste_outside_mask(request.pixels, images, request.pixel_masks, request.feather)
         self._stats["images"] += request.job.n
         if request.job.future.set_running_or_notify_cancel():
+            request.job.answered_at = time.monotonic()
             request.job.future.set_result(images)
+            self.metrics.served(request.job.n)
+
+
+class EngineCosts:
+    """What the engine loop costs, exponentially averaged over its recent calls (SMOOTHING): the wall time of a prior
+    step (the call and its numpy work) at each batch size, in powers of two, and the decoder's time per image. Written
+    by the engine loop, read by submitters for the admission estimate.
+
+    A step's time grows with its rows, but less than in proportion (a call has a fixed cost), so it is kept per batch
+    size and interpolated between the sizes measured. Beyond the largest size measured it is taken as that size's: an
+    estimate that errs towards admitting, corrected by the first call at the larger size (the engine runs full
+    batches exactly when the queue, and so the estimate, matters). Before the first calls the costs count as 0:
+    nothing is refused by deadline until something has been measured."""
+
+    def __init__(self):
+        self._steps = {}  # batch-size bucket (rows' bit length) -> _Average of (seconds, rows) of its calls
+        self._decode = _Average()  # seconds and images of decoder calls
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        self._steps.setdefault(rows.bit_length(), _Average()).add(seconds, rows)
+
+    def record_decode(self, images: int, seconds: float) -> None:
+        self._decode.add(seconds, images)
+
+    def step_seconds(self, rows: int) -> float:
+        """A prior step's estimated seconds at `rows` images (0 before any was measured)."""
+        points = sorted((average.size, average.cost) for average in list(self._steps.values()))
+        if not points:
+            return 0.0
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if rows <= x1:
+                return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+        return points[-1][1]
+
+    @property
+    def decode_seconds_per_image(self) -> float:
+        return self._decode.ratio or 0.0
+
+    def seconds_per_image(self, steps: float, capacity: int) -> float:
+        """The engine loop's time per image of `steps` steps at a full batch of `capacity`: its share of the prior
+        steps, and its decode."""
+        return steps * self.step_seconds(capacity) / capacity + self.decode_seconds_per_image
+
+    def service_seconds(self, steps: int, batch: int) -> float:
+        """An image's time from its slot to its answer among `batch` images: `steps` steps of `batch` rows, and the
+        decoding of those images interleaved."""
+        return steps * self.step_seconds(batch) + batch * self.decode_seconds_per_image
+
+
+class _Average:
+    """Exponential averages of a cost and of its size (rows, images)."""
+
+    def __init__(self):
+        self.cost: Optional[float] = None
+        self.size: Optional[float] = None
+
+    def add(self, cost: float, size: int) -> None:
+        if self.cost is None:
+            self.cost, self.size = cost, float(size)
+        else:
+            self.cost += SMOOTHING * (cost - self.cost)
+            self.size += SMOOTHING * (size - self.size)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        return None if self.cost is None else self.cost / self.size
 
 
 def _fail(request: _Request, error: BaseException) -> None:

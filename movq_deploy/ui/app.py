@@ -18,11 +18,16 @@ def local_page(engine_dir: "str | os.PathLike[str]", backend: str = "auto", prec
     return build_page(LocalService(Generator(engine_dir, backend=backend, precision=precision, batch_size=batch_size)))
 
 
-def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Serves the page at http://host:port/ and returns its address; block=False returns once it is up."""
+def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           api_key: Optional[str] = None) -> str:
+    """Serves the page at http://host:port/ and returns its address; block=False returns once it is up. With an
+    api_key, gradio's login page asks for it (any user name, the key as the password)."""
+    from movq_deploy.serving.auth import password_check
+
     blocks.queue(default_concurrency_limit=1)  # one model call at a time: the backend's threads are the parallelism
     blocks.launch(server_name=host, server_port=port, theme=THEME, ssr_mode=False, show_error=False,
-                  prevent_thread_lock=not block, quiet=not block)
+                  prevent_thread_lock=not block, quiet=not block,
+                  auth=None if api_key is None else password_check(api_key))
     return blocks.local_url
 
 

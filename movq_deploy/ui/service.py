@@ -117,20 +117,19 @@ class ServedService:
     async def sample(self, n: int, seed: int, options: SamplingOptions) -> Generated:
         start = time.perf_counter()
         kw = knobs(options, self.defaults)
-        images, seed = await self.service.sample(n, seed, kw["class_labels"], kw["steps"], kw["temperature"],
-                                                 kw["choice_temperature"], kw["guidance_scale"])
-        return Generated(images, seed, time.perf_counter() - start)
+        served = await self.service.sample(n, seed, kw["class_labels"], kw["steps"], kw["temperature"],
+                                           kw["choice_temperature"], kw["guidance_scale"])
+        return Generated(served.images, served.seed, time.perf_counter() - start)
 
     async def edit(self, image: np.ndarray, mask: np.ndarray, n: int, seed: int, options: SamplingOptions,
                    paste_original: bool) -> Generated:
         check_edit_inputs(image, mask, self.generator.image_size)
         start = time.perf_counter()
         kw = knobs(options, self.defaults)
-        images, seed = await self.service.edit(np.repeat(image[None], n, axis=0), np.repeat(mask[None], n, axis=0),
-                                               seed, kw["class_labels"], kw["steps"], kw["temperature"],
-                                               kw["choice_temperature"], paste_original,
-                                               guidance_scale=kw["guidance_scale"])
-        return Generated(images, seed, time.perf_counter() - start)
+        served = await self.service.edit(np.repeat(image[None], n, axis=0), np.repeat(mask[None], n, axis=0),
+                                         seed, kw["class_labels"], kw["steps"], kw["temperature"],
+                                         kw["choice_temperature"], paste_original, guidance_scale=kw["guidance_scale"])
+        return Generated(served.images, served.seed, time.perf_counter() - start)
 
     async def reconstruct(self, image: np.ndarray) -> Reconstruction:
         return await asyncio.to_thread(reconstruct, self.generator, image)

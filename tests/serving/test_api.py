@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from movq_deploy.serving.api import build_api  # noqa: E402
+from movq_deploy.serving.scheduler import EngineMetrics  # noqa: E402
 from movq_deploy.serving.service import ImageService, ServiceConfig  # noqa: E402
 
 
@@ -133,27 +135,98 @@ def test_bad_edit_uploads_get_a_4xx(client, tiny_generator):
     assert client.post("/v1/sample", json={"n": 1, "steps": 1}).status_code == 200
 
 
-def test_overload_gets_503_with_retry_after(tiny_engines):
-    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1,
-                           max_request_images=2, max_queued_images=2)
-    service = ImageService(config)
+class CountingMetrics(EngineMetrics):
+    def __init__(self):
+        self.refusals = []
+
+    def refused(self, reason: str) -> None:
+        self.refusals.append(reason)
+
+
+def _held(service: ImageService) -> threading.Event:
+    """The engine is busy in its prior call until the returned event is set."""
     runner = service.generator.backend.runners["prior"]
     real_run, release = runner.run, threading.Event()
 
-    def held_run(feeds):  # the engine is busy until the test releases it
+    def held_run(feeds):
         release.wait(60)
         return real_run(feeds)
 
     runner.run = held_run
+    return release
+
+
+def test_overload_gets_503_with_retry_after(tiny_engines):
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1,
+                           max_request_images=2, max_queued_images=2)
+    metrics = CountingMetrics()
+    service = ImageService(config, metrics)
+    release = _held(service)
     try:
         with TestClient(build_api(service), raise_server_exceptions=False) as client:
             busy = service.scheduler.submit_sample(n=2, steps=1)  # 1 image in the engine, 1 queued
+            deadline = time.monotonic() + 60
+            while service.scheduler.stats()["active_images"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
             response = client.post("/v1/sample", json={"n": 2})  # 1 + 2 > 2 queued images
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1" and "overloaded" in response.json()["detail"]
+            assert client.post("/v1/sample", content=b"{oops").status_code == 422
             release.set()
             busy.future.result(60)
             assert client.post("/v1/sample", json={"n": 2, "steps": 1}).status_code == 200
+        assert metrics.refusals == ["overload", "bad_request"]
     finally:
         release.set()
         service.close()
+
+
+def test_a_request_over_the_deadline_gets_503_with_the_estimated_retry_after(tiny_engines):
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1,
+                           max_request_images=3, max_queue_wait_s=12.0)
+    metrics = CountingMetrics()
+    service = ImageService(config, metrics)
+    service.scheduler.costs.record_step(rows=1, seconds=2.0)  # as measured: 2 s per image row, decoding free
+    service.scheduler.costs.record_decode(images=1, seconds=0.0)
+    release = _held(service)
+    try:
+        with TestClient(build_api(service), raise_server_exceptions=False) as client:
+            # Its own timeout first: 2 steps of 2 s do not fit in 0.5 s, even with nothing ahead.
+            response = client.post("/v1/sample", json={"n": 1, "steps": 2},
+                                   headers={"X-Request-Timeout-Seconds": "0.5"})
+            assert response.status_code == 503 and "timeout of 0.5 s" in response.json()["detail"]
+            busy = [service.scheduler.submit_sample(n=2, steps=2)]  # 1 image in the (held) engine, 1 queued
+            deadline = time.monotonic() + 60
+            while service.scheduler.stats()["active_images"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            # 3 more images: 4 must leave the one slot first, at 4 s each: a 16 s wait, 4 s beyond the limit (one
+            # more image would wait 8 s: it would pass).
+            response = client.post("/v1/sample", json={"n": 3, "steps": 2})
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "4"
+            assert "estimated wait of 16.0 s exceeds the server's limit of 12 s" in response.json()["detail"]
+            for value, status in (("soon", 422), ("-1", 400)):
+                bad = client.post("/v1/sample", json={"n": 1}, headers={"X-Request-Timeout-Seconds": value})
+                assert bad.status_code == status, bad.text
+            # 2 more (a 12 s wait: admitted); then not even one image fits in 12 s: new requests are refused before
+            # their bodies are read.
+            busy.append(service.scheduler.submit_sample(n=2, steps=2))
+            unread = client.post("/v1/sample", content=b"{not even JSON", headers={"content-type": "application/json"})
+            assert unread.status_code == 503 and unread.headers["retry-after"] == "4", unread.text
+            release.set()
+            for job in busy:
+                job.future.result(60)
+        assert metrics.refusals == ["deadline", "deadline", "bad_request", "bad_request", "deadline"]
+    finally:
+        release.set()
+        service.close()
+
+
+def test_answers_say_where_their_time_went(client):
+    response = client.post("/v1/sample", json={"n": 1, "steps": 2, "format": "png"})
+    assert response.status_code == 200
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert set(timing) == {"queue", "engine"} and all(float(ms) >= 0 for ms in timing.values())
+    assert float(timing["engine"]) > 0

@@ -12,8 +12,12 @@ from movq_deploy.cli import main
     (["generate", "--engine-dir", "/no/such/dir", "--num-images", "4", "--seed", "0", "--out", "x"],
      "does not exist"),
     (["generate", "--num-images", "0", "--seed", "0", "--out", "x"], "num_images must be a positive int"),
+    (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0 opens the service to the network: give --api-key"),
+    (["serve", "--host", "0.0.0.0", "--api-key", ""], "the API key is empty"),
+    (["serve", "--engine-dir", "/no/such/dir", "--max-queue-wait", "0"], "max_queue_wait_s must be > 0"),
 ])
-def test_bad_input_ends_with_one_line(argv, message, capsys):
+def test_bad_input_ends_with_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("MOVQ_API_KEY", raising=False)
     try:
         status = main(argv)
     except SystemExit as exit:  # argparse

@@ -137,3 +137,72 @@ def test_the_application_builder_takes_string_settings(tiny_engines, ray_address
         app_builder({"engine_dir": str(tiny_engines.engine_dir), "path": "/etc"})
     with pytest.raises(ValueError, match="min-replicas"):
         app_builder({"engine_dir": str(tiny_engines.engine_dir), "min_replicas": "1"})
+
+
+def _info(url: str) -> dict:
+    return httpx.get(f"{url}/v1/info", timeout=TIMEOUT).json()
+
+
+def _deploy_config(serve_port: int, name: str, config: ServiceConfig) -> str:
+    serve.run(build_app(config, ScaleConfig(replicas=1, num_cpus=0.5)), name=name, route_prefix=f"/{name}")
+    return f"http://127.0.0.1:{serve_port}/{name}"
+
+
+def _post_in_thread(url: str, body: dict, results: list, timeout: float = TIMEOUT) -> threading.Thread:
+    def post():
+        try:
+            results.append(httpx.post(f"{url}/v1/sample", json=body, timeout=timeout))
+        except httpx.HTTPError as error:
+            results.append(error)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def test_a_request_whose_client_has_gone_uses_no_engine_call(tiny_engines, serve_port):
+    # One slot and long requests: each waits for the ones before it.
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1, max_request_images=1,
+                           max_steps=300, max_queue_wait_s=600.0, request_timeout_s=TIMEOUT)
+    url = _deploy_config(serve_port, "gone", config)
+    try:
+        results = []
+        blockers = [_post_in_thread(url, {"n": 1, "steps": 300, "seed": seed}, results) for seed in range(3)]
+        deadline = time.monotonic() + TIMEOUT
+        while _info(url)["scheduler"]["queued_images"] < 2:  # one in the engine, two waiting
+            assert time.monotonic() < deadline, (_info(url), results)
+        with pytest.raises(httpx.TimeoutException):  # this client gives up while its request waits, and goes
+            httpx.post(f"{url}/v1/sample", json={"n": 1, "steps": 300, "seed": 9}, timeout=0.2)
+        for blocker in blockers:
+            blocker.join(TIMEOUT + 5)
+        assert [r.status_code for r in results] == [200] * 3, results
+        stats = _info(url)["scheduler"]
+        assert stats["requests"] == 4 and stats["images"] == 3
+        assert stats["prior_rows"] == 3 * 300  # the gone client's request took no engine call
+    finally:
+        serve.delete("gone")
+
+
+def test_a_full_router_queue_refuses_in_json_with_retry_after(tiny_engines, serve_port):
+    # The replica holds 2 requests (max_ongoing_requests = 1 queued image + 1 slot), its router queues 2 more.
+    config = ServiceConfig(str(tiny_engines.engine_dir), backend="onnxruntime-cpu", capacity=1, max_queued_images=1,
+                           max_request_images=1, max_steps=2000, max_queue_wait_s=600.0, request_timeout_s=TIMEOUT)
+    url = _deploy_config(serve_port, "tight", config)
+    try:
+        long_results, short_results = [], []
+        threads = [_post_in_thread(url, {"n": 1, "steps": 1000}, long_results)]  # in the engine for 0.3 s at least
+        time.sleep(0.05)
+        threads.append(_post_in_thread(url, {"n": 1, "steps": 1000}, long_results))  # queued in the replica
+        time.sleep(0.1)
+        # 8 more at once: 2 wait in the router's queue, the others are refused there (whoever comes first)
+        threads += [_post_in_thread(url, {"n": 1, "steps": 1}, short_results) for _ in range(8)]
+        for thread in threads:
+            thread.join(TIMEOUT + 5)
+        assert [r.status_code for r in long_results] == [200, 200], long_results
+        refused = [r for r in short_results if r.status_code != 200]
+        assert refused and all(r.status_code == 503 for r in refused), short_results
+        for response in refused:
+            assert response.headers["content-type"] == "application/json" and response.headers["retry-after"]
+        assert any("backpressure" in r.json()["detail"] for r in refused)  # Ray's router's words, in JSON
+    finally:
+        serve.delete("tight")

@@ -106,7 +106,7 @@ def test_full_queue_refuses_at_once_then_serves(tiny_generator):
         scheduler.submit_sample(n=2, steps=1, seed=1)  # 3 + 2 > 4 queued images
     assert time.perf_counter() - started < 1.0  # refused at once, not after waiting
     second = scheduler.submit_sample(n=1, steps=1, seed=1)  # 4 fits
-    assert scheduler.stats()["refused"] == 1
+    assert scheduler.stats()["refused_overload"] == 1
     with scheduler:
         first.future.result(TIMEOUT), second.future.result(TIMEOUT)
         assert scheduler.stats()["queued_images"] == 0
@@ -171,3 +171,105 @@ def test_close_fails_what_is_left(tiny_generator):
         job.future.result(1)
     with pytest.raises(RuntimeError, match="stopped"):
         scheduler.submit_sample(n=1)
+
+
+def _held_engine(generator, monkeypatch):
+    """The prior runner blocks until the returned event is set: the engine is busy meanwhile."""
+    runner = generator.backend.runners["prior"]
+    real_run, release = runner.run, threading.Event()
+
+    def held_run(feeds):
+        release.wait(TIMEOUT)
+        return real_run(feeds)
+
+    monkeypatch.setattr(runner, "run", held_run)
+    return release
+
+
+def test_admission_by_deadline_refuses_at_once_with_the_estimated_retry_delay(tiny_generator):
+    scheduler = Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=64, max_request_images=8,
+                                                          max_queue_wait_s=2.0))
+    # Measured costs, as the loop averages them: 1 s per prior step of 2 images, nothing for decoding; so an image of
+    # 2 steps holds its slot for 2 s, and with 2 slots one image leaves a slot every 1 s.
+    scheduler.costs.record_step(rows=2, seconds=1.0)
+    scheduler.costs.record_decode(images=1, seconds=0.0)
+    for _ in range(4):  # waits 0, 0, 1 and 2 s for their slots: within 2 s
+        scheduler.submit_sample(n=1, steps=2)
+    assert scheduler.estimated_wait(1) == pytest.approx(3.0)
+    started = time.perf_counter()
+    with pytest.raises(Overloaded, match="estimated wait of 3.0 s exceeds the server's limit of 2 s") as refused:
+        scheduler.submit_sample(n=1, steps=2)
+    assert time.perf_counter() - started < 1.0
+    assert refused.value.reason == "deadline" and refused.value.retry_after_s == pytest.approx(1.0)
+    with pytest.raises(Overloaded) as refused:  # its last image would wait 4 + 4 - 2 = 6 s: retry in 4 s
+        scheduler.submit_sample(n=4, steps=2)
+    assert refused.value.retry_after_s == pytest.approx(4.0)
+    # A request's own timeout counts too: no wait, but 2 steps of 1 s do not fit in 1.5 s.
+    idle = Scheduler(tiny_generator, SchedulerConfig(capacity=2))
+    idle.costs.record_step(rows=2, seconds=1.0)
+    with pytest.raises(Overloaded, match="exceed this request's timeout of 1.5 s"):
+        idle.submit_sample(n=2, steps=2, timeout_s=1.5)
+    idle.submit_sample(n=2, steps=2, timeout_s=5.0)
+    stats = scheduler.stats()
+    assert stats["refused_deadline"] == 2 and stats["requests"] == 4 and stats["queued_images"] == 4
+
+
+def test_the_deadline_is_measured_on_the_running_engine(tiny_generator, monkeypatch):
+    runner = tiny_generator.backend.runners["prior"]
+    real_run = runner.run
+
+    def slow_run(feeds):  # a slow engine: 20 ms per prior call
+        time.sleep(0.02)
+        return real_run(feeds)
+
+    monkeypatch.setattr(runner, "run", slow_run)
+    with Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=256, max_queue_wait_s=0.5)) as s:
+        s.submit_sample(n=2, steps=4).future.result(TIMEOUT)  # measures the costs
+        assert s.stats()["full_step_seconds"] >= 0.02
+        jobs, refused = [], 0
+        for _ in range(100):  # 100 images of 4 steps at about 20 ms per call of 2: far beyond 0.5 s of queue
+            try:
+                jobs.append(s.submit_sample(n=1, steps=4))
+            except Overloaded as error:
+                assert error.reason == "deadline"
+                refused += 1
+        assert refused > 0 and len(jobs) < 100
+        for job in jobs:
+            job.future.result(TIMEOUT)
+        # What was admitted waited for its slot about as long as the estimate allowed (generous for a busy machine).
+        assert max(job.started_at - job.submitted_at for job in jobs) < 0.5 * 4
+
+
+def test_a_request_whose_timeout_passed_uses_no_engine_call(tiny_generator, monkeypatch):
+    release = _held_engine(tiny_generator, monkeypatch)
+    with Scheduler(tiny_generator, SchedulerConfig(capacity=1, decode_batch=1)) as scheduler:
+        first = scheduler.submit_sample(n=1, steps=2, seed=0)
+        _wait_until(lambda: scheduler.stats()["active_images"] == 1)  # in the (held) engine
+        late = scheduler.submit_sample(n=1, steps=2, seed=1, timeout_s=0.05)
+        gone = scheduler.submit_sample(n=1, steps=2, seed=2)
+        assert gone.future.cancel()  # its client disconnected
+        time.sleep(0.1)
+        release.set()
+        first.future.result(TIMEOUT)
+        with pytest.raises(TimeoutError, match="timeout passed"):
+            late.future.result(TIMEOUT)
+        stats = scheduler.stats()
+    assert stats["prior_rows"] == 2  # the first request's two steps only
+    assert stats["expired"] == 1 and stats["queued_images"] == 0
+
+
+def test_the_step_cost_is_kept_per_batch_size_and_interpolated():
+    from movq_deploy.serving.scheduler import SMOOTHING, EngineCosts
+
+    costs = EngineCosts()
+    assert costs.step_seconds(64) == 0.0 and costs.seconds_per_image(8, 64) == 0.0  # nothing measured: no refusal
+    costs.record_step(rows=1, seconds=0.001)
+    assert costs.step_seconds(64) == 0.001  # beyond what was measured: the largest size's cost (errs to admit)
+    costs.record_step(rows=64, seconds=0.020)
+    assert costs.step_seconds(1) == 0.001 and costs.step_seconds(64) == 0.020
+    assert costs.step_seconds(32) == pytest.approx(0.001 + 0.019 * 31 / 63)  # between: linear
+    costs.record_step(rows=64, seconds=0.030)  # averaged: the newest call weighs SMOOTHING
+    assert costs.step_seconds(64) == pytest.approx(0.020 + SMOOTHING * 0.010)
+    assert costs.step_seconds(1) == 0.001  # other sizes keep theirs
+    costs.record_decode(images=16, seconds=0.032)
+    assert costs.seconds_per_image(steps=8, capacity=64) == pytest.approx(8 * costs.step_seconds(64) / 64 + 0.002)
