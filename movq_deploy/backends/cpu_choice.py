@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from movq_deploy.backends import cpu_features
 from movq_deploy.manifest import EngineDir

@@ -4,11 +4,11 @@ ONNX Runtime's CPU provider has no bf16 arithmetic on x86 (onnxruntime#20630, #2
 has it (AVX-512 BF16, AMX), so this backend is how the package reaches a CPU's bf16 units. It reads the same ONNX
 graphs as ONNX Runtime (no other file is exported for it), except int8, which has graphs of its own.
 
-bf16 keeps the precision-sensitive ends of each graph in fp32, as the fp16 graphs do (docs/DESIGN.md):
-- the prior's sampling head (from logits / temperature on: softmax, CumSum, the log-probability, the confidence;
-  with guidance also the cond/uncond mix);
-- the encoder's nearest-code search (everything after its last convolution);
-- the decoder's Fourier phase (the codebook lookup, 2piB.z_q, Sin, Cos) and its clamp/scale/round.
+bf16 keeps the precision-sensitive ends of each graph in fp32 (`fp32_ends`; docs/DESIGN.md, "The CPU choice"):
+- the prior's logits projection (its last MatMul) and the sampling head after it (softmax, CumSum, the
+  log-probability, the confidence; with guidance also the cond/uncond mix);
+- the encoder's last two convolutions and the nearest-code search after them;
+- the decoder's Fourier phase (the codebook lookup, 2piB.z_q, Sin, Cos), its last convolution and clamp/scale/round.
 OpenVINO's CPU plugin takes one inference precision per compiled model (per-node runtime attributes such as
 `disable_fp16_compression` did not change its bf16 result), so the graph is cut into up to three consecutive
 parts, [fp32 prefix] [bf16 body] [fp32 suffix], each compiled on its own; the tensors that cross a cut (the prior's
@@ -26,7 +26,7 @@ import logging
 import os
 import queue
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Set
 
 import numpy as np
 import openvino as ov
@@ -51,11 +51,6 @@ def default_cache_dir(engine_dir: Path) -> Path:
     """Where compiled models are cached when the caller names no folder: beside the engine directory."""
     engine_dir = Path(engine_dir).resolve()
     return engine_dir.with_name(engine_dir.name + CACHE_SUFFIX)
-
-
-def cpu_capabilities() -> Set[str]:
-    """What OpenVINO's CPU plugin says this CPU can do natively ("BF16", "INT8", "FP32", ...)."""
-    return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 # ---- where a graph keeps fp32 --------------------------------------------------------------------------------
