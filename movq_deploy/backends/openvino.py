@@ -26,7 +26,7 @@ import logging
 import os
 import queue
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 import openvino as ov
@@ -56,7 +56,7 @@ def default_cache_dir(engine_dir: Path) -> Path:
 # ---- where a graph keeps fp32 --------------------------------------------------------------------------------
 
 
-def _downstream(model: ov.Model, seeds: Set[str]) -> Set[str]:
+def downstream(model: ov.Model, seeds: Set[str]) -> Set[str]:
     """Friendly names of the ops that depend on any op named in `seeds` (the seeds excluded)."""
     reached, found = set(seeds), set()
     for op in model.get_ordered_ops():
@@ -66,7 +66,7 @@ def _downstream(model: ov.Model, seeds: Set[str]) -> Set[str]:
     return found
 
 
-def _upstream(model: ov.Model, types: Set[str]) -> Set[str]:
+def upstream(model: ov.Model, types: Set[str]) -> Set[str]:
     """Friendly names of the ops of `types` and of every op they depend on."""
     found: Set[str] = set()
     pending = [op for op in model.get_ordered_ops() if op.get_type_name() in types]
@@ -87,19 +87,21 @@ def fp32_ends(model: ov.Model, graph: str) -> "tuple[Set[str], Set[str]]":
     step's FLOPs. The encoder's index agreement is 94% all bf16, 99.0% with the search in fp32 and 99.3% with its
     last two convolutions too (latent resolution, cheap: the int8 encoder keeps the same ones).
     """
-    def last(op_type: str, count: int = 1) -> Set[str]:
-        found = [op for op in model.get_ordered_ops() if op.get_type_name() == op_type]
-        if not found:
-            return set()
-        first = found[-count].get_friendly_name()
-        return {first} | _downstream(model, {first})
+    if graph in PRIOR_GRAPHS:  # the logits projection, then the sampling head (and the guidance mix)
+        return set(), from_last(model, "MatMul")
+    if graph == "encoder":  # conv_out and quant_conv, then the nearest-code search
+        return set(), from_last(model, "Convolution", 2)
+    suffix = from_last(model, "Convolution")  # the decoder's conv_out, then clamp, scale, round
+    return upstream(model, {"Sin", "Cos"}) - suffix, suffix
 
-    if graph in PRIOR_GRAPHS:
-        return set(), last("MatMul")  # the logits projection, then the sampling head (and the guidance mix)
-    if graph == "encoder":
-        return set(), last("Convolution", 2)  # conv_out and quant_conv, then the nearest-code search
-    suffix = last("Convolution")  # the decoder's conv_out, then clamp, scale, round
-    return _upstream(model, {"Sin", "Cos"}) - suffix, suffix
+
+def from_last(model: ov.Model, op_type: str, count: int = 1) -> Set[str]:
+    """Friendly names of the `count`-th last op of `op_type` and of everything after it (empty: no such op)."""
+    found = [op for op in model.get_ordered_ops() if op.get_type_name() == op_type]
+    if not found:
+        return set()
+    first = found[-min(count, len(found))].get_friendly_name()
+    return {first} | downstream(model, {first})
 
 
 # ---- a graph in consecutive parts -----------------------------------------------------------------------------
@@ -203,13 +205,15 @@ class OpenVinoRunner(BaseRunner):
     """One graph on OpenVINO's CPU plugin; `run(feeds) -> {output name: array}` (thread-safe).
 
     precision "fp32" compiles the whole graph in f32 (on bf16 hardware OpenVINO's own default would be bf16).
-    "bf16" keeps the graph's fp32 ends (`fp32_ends`) in f32 and runs the rest in bf16. "int8" takes an int8 graph
+    "bf16" keeps the graph's fp32 ends (`fp32_ends`, or `ends`: the study of other cuts,
+    benchmarks/studies/bf16_ends.py) in f32 and runs the rest in bf16. "int8" takes an int8 graph
     (NNCF's FakeQuantize ops) whose int8 GEMMs and convolutions run on the CPU's int8 units; its fp32 ends stay f32
     and its other unquantized ops run in bf16 where the CPU has it natively.
     """
 
     def __init__(self, path: "str | os.PathLike[str]", graph: str, precision: str = "fp32",
-                 threads: Optional[int] = None, cache_dir: "str | os.PathLike[str] | None" = None):
+                 threads: Optional[int] = None, cache_dir: "str | os.PathLike[str] | None" = None,
+                 ends: Callable[[ov.Model, str], "tuple[Set[str], Set[str]]"] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path, self.name, self.precision = Path(path), Path(path).name, precision
@@ -229,7 +233,7 @@ class OpenVinoRunner(BaseRunner):
             hints, models, crossing = ["f32"], [model], set()
         else:
             body = "bf16" if precision == "bf16" or cpu_features.native_bf16() else "f32"
-            prefix, suffix = fp32_ends(fold_constants(model), graph)
+            prefix, suffix = (ends or fp32_ends)(fold_constants(model), graph)
             stage_of = {**{name: 0 for name in prefix}, **{name: 2 for name in suffix}}
             stages, models, crossing = _stage_models(model, stage_of)
             hints = [{0: "f32", 1: body, 2: "f32"}[stage] for stage in stages]
