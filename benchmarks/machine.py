@@ -182,6 +182,8 @@ def _openvino_matmul(a: np.ndarray, b: np.ndarray, threads: int, int8: bool):
     import openvino as ov
     from openvino import opset13 as ops
 
+    from movq_deploy.backends.openvino import shared_core
+
     a_in = ops.parameter(a.shape, np.float32, name="a")
     x = a_in.output(0)
     if int8:
@@ -192,7 +194,7 @@ def _openvino_matmul(a: np.ndarray, b: np.ndarray, threads: int, int8: bool):
     else:
         weights = ops.constant(b)
     model = ov.Model([ops.result(ops.matmul(x, weights, False, False))], [a_in], "gemm")
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+    compiled = shared_core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                                       "INFERENCE_PRECISION_HINT": "bf16"})
     request = compiled.create_infer_request()
     return lambda: request.infer({"a": a})

@@ -19,9 +19,9 @@ class DirectRunner:
     """One ONNX graph compiled whole by OpenVINO at an inference precision ("bf16" or "f32")."""
 
     def __init__(self, path: Path, hint: str, threads: int):
-        import openvino as ov
+        from movq_deploy.backends.openvino import shared_core
 
-        self.compiled = ov.Core().compile_model(str(path), "CPU", {
+        self.compiled = shared_core().compile_model(str(path), "CPU", {
             "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
         self.names = [port.get_any_name() for port in self.compiled.outputs]

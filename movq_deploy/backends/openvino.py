@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
@@ -45,6 +46,27 @@ CACHE_SUFFIX = ".openvino-cache"
 _SKIPPED = ("Parameter", "Constant", "Result")  # not parts of a stage: parameters and constants go where used
 _OV_DTYPES = {"f32": "float32", "f16": "float16", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64",
               "boolean": "bool"}
+
+
+def shared_core() -> ov.Core:
+    """The process's one OpenVINO Core, made on first use and kept until the process ends.
+
+    One Core, not one per runner: each Core loads its own CPU plugin, and the plugin installs an alternate signal
+    stack for the thread that creates it and puts the previous one back when it is destroyed. Cores destroyed in
+    another order than they were made leave the thread's alternate stack pointing at unmapped memory, and the next
+    signal handled on it (Python's SIGCHLD handler, when a DataLoader worker or any child process exits) crashes
+    the process with SIGSEGV (tests/backends/test_openvino.py). The model cache is a property of each compile,
+    not of the Core.
+    """
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
+
+
+_CORE: Optional[ov.Core] = None
+_CORE_LOCK = threading.Lock()
 
 
 def default_cache_dir(engine_dir: Path) -> Path:
@@ -217,14 +239,14 @@ class OpenVinoRunner(BaseRunner):
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path, self.name, self.precision = Path(path), Path(path).name, precision
-        core = ov.Core()
+        core = shared_core()
         if cache_dir is not None:
             try:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
-                core.set_property({"CACHE_DIR": str(cache_dir)})
             except OSError as error:  # a read-only place: compile every time rather than fail
                 logger.warning("movq-deploy: OpenVINO's model cache %s is not writable (%s); compiling without it",
                                cache_dir, error)
+                cache_dir = None
         model = core.read_model(str(path))
         self.inputs = [_spec(port) for port in model.inputs]
         self.outputs = [_spec(port) for port in model.outputs]
@@ -238,7 +260,7 @@ class OpenVinoRunner(BaseRunner):
             stages, models, crossing = _stage_models(model, stage_of)
             hints = [{0: "f32", 1: body, 2: "f32"}[stage] for stage in stages]
         known = crossing | {spec.name for spec in self.inputs + self.outputs}
-        self._parts = [_Part(core.compile_model(part, "CPU", _config(hint, threads)), known)
+        self._parts = [_Part(core.compile_model(part, "CPU", _config(hint, threads, cache_dir)), known)
                        for hint, part in zip(hints, models)]
         self.part_precisions = hints  # what each compiled part runs in, in order (for people and tests)
 
@@ -256,7 +278,7 @@ class OpenVinoRunner(BaseRunner):
         self._parts = None
 
 
-def _config(hint: str, threads: Optional[int]) -> dict:
+def _config(hint: str, threads: Optional[int], cache_dir: "str | os.PathLike[str] | None" = None) -> dict:
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
               # Threads not pinned to cores: on a machine shared with other processes (the proxy, the request
               # handling, other jobs) pinned workers wait for their own core (BENCHMARKS.md, "bf16 on OpenVINO")
@@ -265,6 +287,8 @@ def _config(hint: str, threads: Optional[int]) -> dict:
               "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
     return config
 
 

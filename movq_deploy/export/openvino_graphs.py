@@ -105,9 +105,9 @@ def quantize_for_openvino(spec: GraphSpec, work: Path, images: ImageSets, calibr
     import openvino as ov
     from nncf.common.logging import nncf_logger
 
-    from movq_deploy.backends.openvino import OpenVinoRunner, fold_constants, fp32_ends
+    from movq_deploy.backends.openvino import OpenVinoRunner, fold_constants, fp32_ends, shared_core
 
-    model = fold_constants(ov.Core().read_model(str(work / f"{spec.name}.onnx")))
+    model = fold_constants(shared_core().read_model(str(work / f"{spec.name}.onnx")))
     prefix, suffix = fp32_ends(model, spec.name)
     if spec.name in PRIOR_GRAPHS:
         rows = len(calibration_states["tokens"])

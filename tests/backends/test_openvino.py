@@ -90,7 +90,7 @@ def test_bf16_keeps_the_fp32_ends_in_fp32_parts(engine_dir):
     fourier = engine_dir.model["tokenizer"].get("f0") == "fourier"
     decoder = ["f32", "bf16", "f32"] if fourier else ["bf16", "f32"]
     assert _runner(engine_dir, "decoder", "bf16").part_precisions == decoder
-    core = ov.Core()
+    core = ov_backend.shared_core()
     for graph, prefix_types, suffix_counts in (("prior", set(), {"MatMul": 1}),
                                                ("encoder", set(), {"Convolution": 2})):
         model = ov_backend.fold_constants(core.read_model(str(_graph_path(engine_dir, "fp32", graph))))
@@ -164,3 +164,27 @@ def test_a_closed_runner_refuses_to_run(engine_dir):
 def test_bad_precision_is_one_line(engine_dir):
     with pytest.raises(ValueError, match="OpenVINO precision must be one of fp32, bf16, int8"):
         _runner(engine_dir, "encoder", "fp16")
+
+
+def test_runners_dropped_in_any_order_leave_signals_safe(engine_dir, tmp_path):
+    """Runners made and dropped in the same order, then a child process whose exit Python handles (SIGCHLD, as a
+    DataLoader's workers): the process survives. With a Core per runner, each CPU plugin put back the alternate
+    signal stack it found, the first one dropped left the second's unmapped stack in place, and the signal
+    crashed the process (SIGSEGV; it took pytest down in CI). Run in a child process, so a crash fails this test."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "drop_then_signal.py"
+    script.write_text(f"""
+import signal, subprocess, sys
+from movq_deploy.backends.openvino import OpenVinoRunner
+first = OpenVinoRunner({str(_graph_path(engine_dir, "fp32", "decoder"))!r}, "decoder", "fp32")
+second = OpenVinoRunner({str(_graph_path(engine_dir, "fp32", "encoder"))!r}, "encoder", "fp32")
+del first
+del second
+signal.signal(signal.SIGCHLD, lambda *_: None)
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("survived")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-2000:])
