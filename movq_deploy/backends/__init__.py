@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from movq_deploy.backends import cpu_choice
-from movq_deploy.backends.base import Runner, TensorSpec, optional_import
+from movq_deploy.backends.base import GPU_INSTALL, Runner, TensorSpec, optional_import
 from movq_deploy.backends.cpu_choice import OPENVINO_INSTALL, ORT_CPU, Placement
 from movq_deploy.manifest import EngineDir
 
@@ -127,7 +127,7 @@ def _open_tensorrt(engine_dir: EngineDir, precision: str, required: bool, skippe
     """The TensorRT Backend, or None (the reason appended to `skipped`); raises instead when `required`."""
     usable, why = _tensorrt_usable(engine_dir, precision)
     if usable:
-        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", "pip install .[gpu]")
+        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", GPU_INSTALL)
         try:
             trt_precision = module.resolve_precision(engine_dir, precision)  # "auto": the fastest usable (fp16)
             runners = module.open_tensorrt_runners(engine_dir, trt_precision)
@@ -145,7 +145,7 @@ def _open_tensorrt(engine_dir: EngineDir, precision: str, required: bool, skippe
 def _tensorrt_usable(engine_dir: EngineDir, precision: str) -> Tuple[bool, str]:
     """(usable, reason), asking movq_deploy.backends.tensorrt, which imports tensorrt itself (lazily)."""
     try:
-        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", "pip install .[gpu]")
+        module = optional_import("movq_deploy.backends.tensorrt", "TensorRT", GPU_INSTALL)
     except ImportError as error:
         return False, f"TensorRT backend unavailable: {error}"
     return module.tensorrt_usable(engine_dir, precision)

@@ -34,6 +34,10 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+# How a user who installed the wheel gets the GPU runtime (a checkout's `pip install -e .[gpu]` does the same)
+GPU_INSTALL = "pip install 'movq-deploy[gpu]'"
+
+
 def optional_import(module: str, what: str, install: str) -> ModuleType:
     """Imports an optional dependency when it is first needed; ImportError in one line saying what to install.
 

@@ -11,9 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from movq_deploy.backends.base import optional_import
+from movq_deploy.backends.base import GPU_INSTALL, optional_import
 
-GPU_INSTALL = "pip install .[gpu]"
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ def find_chromium() -> Tuple[Optional[str], Optional[str], str]:
     browser = next((path for path in map(shutil.which, BROWSERS) if path), None)
     driver = shutil.which("chromedriver")
     if importlib.util.find_spec("selenium") is None:
-        return browser, driver, "selenium is not installed (pip install -e .[dev])"
+        return browser, driver, "selenium is not installed (pip install 'movq-deploy[dev]')"
     if browser is None or driver is None:
         return browser, driver, ("no Chromium and ChromeDriver on this machine "
                                  "(Debian: apt-get install chromium chromium-driver; or run `make test-ui`)")

@@ -23,7 +23,7 @@ def _gpu():
 
 
 GPU = _gpu()
-needs_gpu = pytest.mark.skipif(GPU is None, reason="needs cuda-python (pip install .[gpu]) and a CUDA GPU")
+needs_gpu = pytest.mark.skipif(GPU is None, reason="needs cuda-python (pip install 'movq-deploy[gpu]') and a CUDA GPU")
 
 
 def test_module_imports_without_cuda():

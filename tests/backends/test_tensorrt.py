@@ -40,7 +40,7 @@ def _gpu():
 
 GPU = _gpu()
 needs_tensorrt = pytest.mark.skipif(
-    not (HAS_TENSORRT and GPU), reason="needs TensorRT and a CUDA GPU (pip install .[gpu] on a GPU machine)"
+    not (HAS_TENSORRT and GPU), reason="needs TensorRT and a CUDA GPU (pip install 'movq-deploy[gpu]' on a GPU machine)"
 )
 
 
@@ -59,7 +59,7 @@ def test_module_imports_without_tensorrt_cuda_or_torch():
 def test_tensorrt_usable_says_tensorrt_is_missing():
     usable, reason = trt_backend.tensorrt_usable({"engines": {}})
     assert not usable
-    assert "TensorRT is not installed" in reason and "pip install .[gpu]" in reason and "\n" not in reason
+    assert "TensorRT is not installed" in reason and "pip install 'movq-deploy[gpu]'" in reason and "\n" not in reason
 
 
 def test_precision_outside_fp32_fp16_is_refused_before_touching_tensorrt():
