@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from movq_deploy.files import atomic_path, atomic_write_text
+from movq_deploy.memory import MemoryBudgetError
 from movq_deploy.training.mixed_precision import configure_tf32
 
 RESUME_FORMAT = "movq-deploy-resume"
@@ -226,6 +227,13 @@ def no_sync(model: torch.nn.Module, sync: bool):
     return model.no_sync()
 
 
+def device_memory(module: torch.nn.Module) -> "int | None":
+    """Free memory of the GPU `module` lives on (its loops' budget is a share of it); None on the CPU (the
+    system's available memory)."""
+    device = next(module.parameters()).device
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -236,5 +244,5 @@ def run_cli(build_parser: "Callable[[], argparse.ArgumentParser]", train: "Calla
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MemoryBudgetError) as e:
         sys.exit(f"error: {e}")

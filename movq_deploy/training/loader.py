@@ -114,18 +114,16 @@ def training_batches(dataset: Dataset, batch_size: int, rank: int, world_size: i
     return TrainBatches(dataset, batch_size, rank, world_size, seed, workers, pin, start_step, batches_per_step)
 
 
-def first_crops(dataset: Dataset, count: int, workers: int = 0, batch_size: int = 256):
+def first_crops(dataset: Dataset, count: int, batch_size: int, workers: int = 0):
     """Crops 0 .. count-1 of an indexed dataset (the first `count` of a shard stream), decoded by `workers`
-    processes: float [count, 3, S, S] in [-1, 1] and int64 labels [count]."""
+    processes, `batch_size` at a time: yields float [b, 3, S, S] in [-1, 1] and int64 labels [b]."""
     from torch.utils.data import IterableDataset, Subset
 
     source = dataset if isinstance(dataset, IterableDataset) else Subset(dataset, range(count))
-    loader = DataLoader(source, batch_size=min(batch_size, count), num_workers=workers)
-    images, labels, have = [], [], 0
-    for x, y in loader:
-        images.append(x)
-        labels.append(torch.as_tensor(y))
-        have += len(x)
+    have = 0
+    for x, y in DataLoader(source, batch_size=max(1, min(batch_size, count)), num_workers=workers):
+        take = min(len(x), count - have)
+        yield x[:take], torch.as_tensor(y)[:take].long()
+        have += take
         if have >= count:
-            break
-    return torch.cat(images)[:count], torch.cat(labels)[:count].long()
+            return

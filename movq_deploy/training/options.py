@@ -39,5 +39,9 @@ def add_scale_arguments(parser: argparse.ArgumentParser, clip_grad: "float | Non
     group.add_argument("--clip-grad", type=float, default=clip_grad,
                        help=f"clip the gradient norm to this before each optimizer step "
                             f"(default: {clip_grad if clip_grad is not None else 'off'}; 0 = off)")
+    group.add_argument("--memory-budget", default=None, metavar="SIZE",
+                       help="memory for the batched loops outside the training step (encoding crops, held-out "
+                            "evaluation), e.g. 4G (default: $MOVQ_MEMORY_BUDGET, else a quarter of the memory "
+                            "available, at most 4 GB)")
     group.add_argument("--tensorboard", default=None, metavar="DIR",
                        help="also log to TensorBoard event files in DIR (losses, held-out metrics, image grids)")

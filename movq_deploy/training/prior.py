@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from movq_deploy.files import atomic_path
+from movq_deploy.memory import MemoryBudget, check_fits, format_bytes
+from movq_deploy.models import footprint
 from movq_deploy.models.checkpoint import load_models, save_checkpoint
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior, PriorConfig
 from movq_deploy.models.reference import ReferenceSampler
-from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, no_sync, resume_from, run_cli,
-                                         save_resume, start_run)
-from movq_deploy.training.data import ImageData, load_data, to_tensor, to_uint8
+from movq_deploy.training.common import (MetricsLog, StepLoop, cleanup_distributed, device_memory, no_sync,
+                                         resume_from, run_cli, save_resume, start_run)
+from movq_deploy.training.data import ImageData, load_data, to_tensor
 from movq_deploy.training.loader import default_workers, first_crops
 from movq_deploy.training.mixed_precision import autocast, fp32, maybe_compile
 from movq_deploy.training.options import add_scale_arguments
@@ -46,7 +48,6 @@ STAGE = "prior"
 RESUME_FILE = "resume_prior.pt"
 CACHE_FILE = "prior_tokens.pt"
 EVAL_SEED = 1234  # fixed masks for the held-out accuracy, so start and end are comparable
-ENCODE_BATCH = 256  # token grids per call when encoding crops or measuring accuracy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,20 +101,33 @@ def tokenizer_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
+def encode_batch(movq: MoVQ, budget: MemoryBudget) -> int:
+    """Crops per encoder call within `budget` (measured on this model and device)."""
+    device, size = next(movq.parameters()).device, movq.config.image_size
+
+    @torch.no_grad()
+    def encode(batch: int):
+        movq.encode(torch.zeros(batch, movq.config.in_channels, size, size, device=device))
+
+    return footprint.batch_size(encode, budget, f"encoding {size}x{size} crops", device=str(device))
+
+
 @torch.no_grad()
-def encode_all(movq: MoVQ, images: np.ndarray) -> torch.Tensor:
-    """uint8 [M, H, W, 3] -> int64 tokens [M, N] (row-major over (h, w, c))."""
+def encode_all(movq: MoVQ, batches) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Batches of (float crops [b, 3, H, W] in [-1, 1], labels [b]) -> int64 tokens [M, N] (row-major over
+    (h, w, c)) and labels [M]; each batch is encoded as it arrives, so only the tokens are kept."""
     device = next(movq.parameters()).device
-    out = []
-    for start in range(0, len(images), ENCODE_BATCH):
-        out.append(movq.encode(to_tensor(images[start:start + ENCODE_BATCH]).to(device)).flatten(1).cpu())
-    return torch.cat(out)
+    tokens, labels = [], []
+    for crops, crop_labels in batches:
+        tokens.append(movq.encode(crops.to(device)).flatten(1).cpu())
+        labels.append(crop_labels)
+    return torch.cat(tokens), torch.cat(labels)
 
 
 def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: Path, write: bool,
-                workers: int = 0) -> dict:
+                workers: int = 0, budget: "MemoryBudget | None" = None) -> dict:
     """The encoded training crops and held-out crops, read from `path` when it matches, else encoded (and saved);
-    `workers` DataLoader processes decode the crops."""
+    `workers` DataLoader processes decode the crops, as many per batch as the encoder takes within `budget`."""
     key = {"tokenizer": digest, "data": data.summary(), "num_crops": num_crops, "seed": seed}
     if path.is_file():
         try:
@@ -122,36 +136,81 @@ def token_cache(movq: MoVQ, digest: str, data, num_crops: int, seed: int, path: 
                 return cached
         except Exception:  # an unreadable cache is rebuilt, not an error
             pass
-    crops, labels = first_crops(data.train_set(seed=seed), num_crops, workers)
-    train_images = to_uint8(crops)  # exact: these are uint8 pixels / 127.5 - 1
+    batch = encode_batch(movq, MemoryBudget.resolve(budget, "--memory-budget", device_memory(movq)))
+    train_tokens, train_labels = encode_all(movq, first_crops(data.train_set(seed=seed), num_crops, batch, workers))
     eval_images, eval_labels = data.eval_set().arrays()
-    cache = {"key": key, "train_tokens": encode_all(movq, train_images), "train_labels": labels,
-             "eval_tokens": encode_all(movq, eval_images), "eval_labels": torch.from_numpy(eval_labels)}
+    eval_batches = ((to_tensor(eval_images[start:start + batch]), torch.from_numpy(eval_labels[start:start + batch]))
+                    for start in range(0, len(eval_images), batch))
+    eval_tokens, eval_labels = encode_all(movq, eval_batches)
+    cache = {"key": key, "train_tokens": train_tokens, "train_labels": train_labels,
+             "eval_tokens": eval_tokens, "eval_labels": eval_labels}
     if write:
         with atomic_path(path) as tmp:
             torch.save(cache, tmp)
     return cache
 
 
+def accuracy_batch(prior: MaskGITPrior, budget: "MemoryBudget | None") -> int:
+    """Token grids per call of the held-out accuracy within `budget` (measured on this prior and device)."""
+    device, config = next(prior.parameters()).device, prior.config
+    labels = (lambda batch: torch.zeros(batch, dtype=torch.long, device=device)) if config.conditional else \
+        (lambda batch: None)
+
+    @torch.no_grad()
+    def predict(batch: int):
+        prior(torch.zeros(batch, config.num_slots, dtype=torch.long, device=device), labels(batch)).argmax(-1)
+
+    budget = MemoryBudget.resolve(budget, "--memory-budget", device_memory(prior))
+    return footprint.batch_size(predict, budget, "the held-out accuracy of the prior", device=str(device))
+
+
 @torch.no_grad()
-def masked_accuracy(prior: MaskGITPrior, tokens: torch.Tensor, labels: torch.Tensor | None) -> float:
+def masked_accuracy(prior: MaskGITPrior, tokens: torch.Tensor, labels: torch.Tensor | None, batch: int) -> float:
     """Accuracy of the argmax prediction on masked slots, with masks drawn from the training schedule (fixed seed,
-    4 draws per grid)."""
+    4 draws per grid), `batch` grids per call (the masks do not depend on it)."""
     was_training = prior.training
     prior.eval()
     device = next(prior.parameters()).device
     generator = torch.Generator().manual_seed(EVAL_SEED)
     correct = total = 0
     for _ in range(4):
-        for start in range(0, len(tokens), ENCODE_BATCH):
-            target = tokens[start:start + ENCODE_BATCH].to(device)
-            inputs, masked = mask_tokens(target, prior.config.mask_id, generator)
-            y = labels[start:start + ENCODE_BATCH].to(device) if labels is not None else None
-            hits = prior(inputs, y).argmax(-1) == target
-            correct += int(hits[masked].sum())
-            total += int(masked.sum())
+        inputs, masked = mask_tokens(tokens, prior.config.mask_id, generator)
+        for start in range(0, len(tokens), batch):
+            part = slice(start, start + batch)
+            y = labels[part].to(device) if labels is not None else None
+            hits = prior(inputs[part].to(device), y).argmax(-1) == tokens[part].to(device)
+            correct += int(hits[masked[part].to(device)].sum())
+            total += int(masked[part].sum())
     prior.train(was_training)
     return correct / max(1, total)
+
+
+def check_training_fits(prior: MaskGITPrior, opt: torch.optim.Optimizer, args: argparse.Namespace) -> None:
+    """Before the first step: a one-line MemoryBudgetError when a step at --batch-size would need more memory than
+    is available (measured: a forward and backward at batch 1 and 2, plus the optimizer's state to come)."""
+    device, config = next(prior.parameters()).device, prior.config
+
+    def step(batch: int):
+        tokens = torch.zeros(batch, config.num_slots, dtype=torch.long, device=device)
+        labels = torch.zeros(batch, dtype=torch.long, device=device) if config.conditional else None
+        with autocast(args.precision, device):
+            logits = prior(tokens, labels)
+        F.cross_entropy(fp32(logits).flatten(0, 1), tokens.flatten()).backward()
+        prior.zero_grad(set_to_none=True)
+
+    cost = footprint.measure(step, device=str(device))
+    weights = sum(p.numel() * p.element_size() for p in prior.parameters() if p.requires_grad)
+    # the gradients (all of them live at the step's end) and the optimizer's state (made at the first step)
+    held = max(cost.peak_fixed, weights) + (0 if opt.state else weights * optimizer_state_factor(opt))
+    needed = held + args.batch_size * cost.peak_per_item
+    check_fits(needed, f"a training step of the {args.config} prior at --batch-size {args.batch_size}",
+               hint=f"a step at --batch-size 1 needs {format_bytes(held + cost.peak_per_item)}; a smaller --batch-size "
+                    f"with --grad-accum keeps the same batch per optimizer step", available=device_memory(prior))
+
+
+def optimizer_state_factor(opt: torch.optim.Optimizer) -> int:
+    """Tensors the optimizer keeps per parameter: 2 for Adam and AdamW (the moments), else 1 (momentum)."""
+    return 2 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else 1
 
 
 @dataclass
@@ -168,6 +227,7 @@ class Stage2:
     data: ImageData
     out: Path
     world_size: int
+    eval_batch: int  # held-out grids per call of masked_accuracy (from the memory budget)
     accuracy: dict = field(default_factory=dict)
 
     def restore(self, state: dict, path: Path) -> None:
@@ -180,7 +240,7 @@ class Stage2:
     def evaluate(self, step: int, eval_tokens: torch.Tensor, eval_labels: "torch.Tensor | None", log: MetricsLog,
                  board: TensorBoardLog, movq: MoVQ) -> None:
         """The held-out masked-token accuracy at `step`, logged (and a sample grid on TensorBoard)."""
-        self.accuracy.update(end=masked_accuracy(self.prior, eval_tokens, eval_labels), end_step=step)
+        self.accuracy.update(end=masked_accuracy(self.prior, eval_tokens, eval_labels, self.eval_batch), end_step=step)
         record = {"step": step, "eval_masked_accuracy": self.accuracy["end"]}
         log.write(record)
         board.record(record)
@@ -213,7 +273,7 @@ def training_data(args: argparse.Namespace, movq: MoVQ, ckpt: dict, main: bool) 
     digest = tokenizer_digest(ckpt["tokenizer"])
     workers = args.workers if args.workers is not None else default_workers(next(movq.parameters()).device)
     return data, token_cache(movq, digest, data, args.num_crops, args.seed, run_dir / CACHE_FILE, write=main,
-                             workers=workers)
+                             workers=workers, budget=args.memory_budget)
 
 
 def step_batches(args: argparse.Namespace, step: int, rank: int, tokens: torch.Tensor, labels: "torch.Tensor | None",
@@ -271,10 +331,12 @@ def train(args: argparse.Namespace) -> dict:
     prior = MaskGITPrior(config).to(device)
     opt = prior.configure_optimizers(args.weight_decay, args.lr)
     out = Path(args.out) if args.out else Path(args.ckpt)
-    stage = Stage2(args, config, prior, opt, ckpt, cache["key"]["tokenizer"], data, out, dist_info.world_size)
+    stage = Stage2(args, config, prior, opt, ckpt, cache["key"]["tokenizer"], data, out, dist_info.world_size,
+                   eval_batch=accuracy_batch(prior, args.memory_budget))
     start, _ = resume_from(args, out.parent / RESUME_FILE, STAGE, stage.restore, main)
+    check_training_fits(prior, opt, args)
     if not args.resume:
-        stage.accuracy["start"] = masked_accuracy(prior, eval_tokens, eval_labels)
+        stage.accuracy["start"] = masked_accuracy(prior, eval_tokens, eval_labels, stage.eval_batch)
     if main:
         print(f"prior {args.config}: {prior.num_parameters() / 1e6:.2f}M parameters, grid {config.grid}, "
               f"K={config.codebook_size}, classes {config.num_classes}; {len(train_tokens)} cached training grids; "

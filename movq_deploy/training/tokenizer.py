@@ -33,11 +33,13 @@ from skimage.metrics import structural_similarity
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from movq_deploy.files import atomic_path
+from movq_deploy.memory import MemoryBudget
+from movq_deploy.models import footprint
 from movq_deploy.models.checkpoint import save_checkpoint
 from movq_deploy.models.movq import MoVQ, MoVQConfig
-from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, cleanup_distributed, no_sync,
-                                         perplexity_and_dead, psnr, resume_from, run_cli, save_resume, start_run,
-                                         unwrap)
+from movq_deploy.training.common import (Dist, MetricsLog, StepLoop, all_reduce_sum, cleanup_distributed,
+                                         device_memory, no_sync, perplexity_and_dead, psnr, resume_from, run_cli,
+                                         save_resume, start_run, unwrap)
 from movq_deploy.training.data import HeldOutCrops, ImageData, load_data, to_tensor, to_uint8
 from movq_deploy.training.loader import TimedBatches, training_batches
 from movq_deploy.training.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss
@@ -49,7 +51,6 @@ from movq_deploy.training.tensorboard import TensorBoardLog
 
 STAGE = "tokenizer"
 RESUME_FILE = "resume_tokenizer.pt"
-EVAL_BATCH = 64  # held-out crops encoded and decoded per call
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,16 +120,29 @@ def reset_rows(optimizer: "torch.optim.Optimizer | None", param: torch.Tensor, r
             value[rows.to(value.device)] = 0
 
 
+def reconstruct_batch(model: MoVQ, budget: "MemoryBudget | str | None") -> int:
+    """Held-out crops per encode + decode call within `budget` (measured on this model and device)."""
+    device, size = next(model.parameters()).device, model.config.image_size
+
+    @torch.no_grad()
+    def reconstruct(batch: int):
+        model.decode(model.encode(torch.zeros(batch, model.config.in_channels, size, size, device=device)))
+
+    budget = MemoryBudget.resolve(budget, "--memory-budget", device_memory(model))
+    return footprint.batch_size(reconstruct, budget, f"reconstructing {size}x{size} crops", device=str(device))
+
+
 @torch.no_grad()
-def evaluate(model: MoVQ, eval_set: HeldOutCrops) -> dict:
-    """Held-out reconstruction: PSNR and SSIM (uint8, as deployed), codebook usage; also returns the images."""
+def evaluate(model: MoVQ, eval_set: HeldOutCrops, batch: int) -> dict:
+    """Held-out reconstruction: PSNR and SSIM (uint8, as deployed), codebook usage; also returns the images.
+    `batch` crops per call (reconstruct_batch)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     originals, _ = eval_set.arrays()
     recons, counts = [], torch.zeros(model.config.codebook_size, dtype=torch.int64)
-    for start in range(0, len(originals), EVAL_BATCH):
-        indices = model.encode(to_tensor(originals[start:start + EVAL_BATCH]).to(device))
+    for start in range(0, len(originals), batch):
+        indices = model.encode(to_tensor(originals[start:start + batch]).to(device))
         recons.append(to_uint8(model.decode(indices)))
         counts += torch.bincount(indices.flatten().cpu(), minlength=model.config.codebook_size)
     model.train(was_training)
@@ -346,6 +360,7 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
     def keep_z(module, inputs):
         latest_z[:] = [inputs[0].detach()]
 
+    eval_batch = reconstruct_batch(stage.net, args.memory_budget) if main else 0
     hook = stage.net.quantizer.register_forward_pre_hook(keep_z)
     evaluation = None
     loop = StepLoop(args, start, stage.optimizers, f"tokenizer {args.config}", show=main)
@@ -361,14 +376,14 @@ def train(args: argparse.Namespace, config: MoVQConfig | None = None) -> dict:
             log.write(record)
             board.record(record)
         if main and loop.due(done, args.eval_every):
-            evaluation = {"step": done, **evaluate(stage.net, data.eval_set())}
+            evaluation = {"step": done, **evaluate(stage.net, data.eval_set(), eval_batch)}
             log_evaluation(evaluation, log, board)
         if main and loop.due(done, args.save_every):
             save(out, done, stage, data, dist_info, codes, evaluation)
     hook.remove()
     if main:
         if evaluation is None:  # resumed a finished run: evaluate what is there
-            evaluation = {"step": start, **evaluate(stage.net, data.eval_set())}
+            evaluation = {"step": start, **evaluate(stage.net, data.eval_set(), eval_batch)}
             save(out, max(start, args.steps), stage, data, dist_info, codes, evaluation)
         save_grid(out / "reconstructions.png", grid_image(evaluation["originals"], evaluation["reconstructions"]))
         print(f"held-out PSNR {evaluation['psnr']:.2f} dB, SSIM {evaluation['ssim']:.4f} on "

@@ -114,3 +114,36 @@ def test_bad_tokenizer_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as info:
         prior_train.main(["--ckpt", str(bad), "--quiet"])
     assert "do not match" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_paper_size_encoding_takes_batches_from_the_budget():
+    """The paper tokenizer at 256x256 (one crop costs ~200 MB of activations): a budget of one and a half crops
+    encodes one at a time, a larger one several per call, and the tokens are those of one batch of all."""
+    from movq_deploy.memory import MemoryBudget
+
+    torch.manual_seed(0)
+    movq = MoVQ(MoVQConfig.preset("paper-f16")).eval()
+    crops = torch.rand(3, 3, 256, 256) * 2 - 1
+    one_and_a_half = prior_train.encode_batch(movq, MemoryBudget(300 << 20, "test"))
+    several = prior_train.encode_batch(movq, MemoryBudget(1 << 30, "test"))
+    assert one_and_a_half == 1 and several >= 3
+    with torch.no_grad():
+        together = movq.encode(crops).flatten(1)
+    one_at_a_time, _ = prior_train.encode_all(movq, ((crops[i:i + 1], torch.zeros(1)) for i in range(3)))
+    assert torch.equal(one_at_a_time, together)
+    with pytest.raises(MemoryError, match=r"encoding 256x256 crops needs .* MB for one item, more than the memory "
+                                          r"budget of 100 MB \(test\)"):
+        prior_train.encode_batch(movq, MemoryBudget(100 << 20, "test"))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_starts(tokenizer_ckpt, tmp_path, monkeypatch):
+    """On a machine with 1 MB available (the loops' own budget given), one line before the first step."""
+    from movq_deploy import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    with pytest.raises(SystemExit, match=r"error: a training step of the tiny prior at --batch-size 4 needs about "
+                                         r".* MB, but only 1 MB is available; a step at --batch-size 1 needs"):
+        prior_train.main(["--ckpt", str(tokenizer_ckpt), "--out", str(tmp_path / "ckpt.pt"), "--steps", "1",
+                          "--batch-size", "4", "--num-crops", "8", "--quiet", "--device", "cpu",
+                          "--memory-budget", "1G"])
+    assert not (tmp_path / "ckpt.pt").exists()
