@@ -1,7 +1,7 @@
 """Export ckpt.pt to an engine directory of ONNX graphs, validated against PyTorch.
 
     python export/to_onnx.py ckpt.pt [--out engines/] [--steps T] [--guidance-scale W] [--fp16]
-                                     [--int8 [--calibration-data DIR]]
+                                     [--int8 [--calibration-data DIR]] [--memory-budget SIZE]
 
 Writes encoder.onnx, decoder.onnx, prior.onnx (+ encoder.fp16.onnx, decoder.fp16.onnx, prior.fp16.onnx with
 --fp16, prior.int8.onnx, encoder.int8.onnx, decoder.int8.onnx with --int8) and manifest.json (movq_deploy.manifest).
@@ -25,6 +25,7 @@ import argparse
 import sys
 
 from movq_deploy.export.pipeline import export_engine_dir
+from movq_deploy.memory import MemoryBudgetError
 from movq_deploy.export.specs import ExportError, one_line
 
 
@@ -44,11 +45,15 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--calibration-data", metavar="DIR",
                         help="images that calibrate the int8 graphs (default: the tokenizer's training data, "
                              "else scikit-image's photographs)")
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory for the batched loops over images (calibration, comparisons), e.g. 4G (default: "
+                             "$MOVQ_MEMORY_BUDGET, else a quarter of the memory available, at most 4 GB)")
     args = parser.parse_args(argv)
     try:
         export_engine_dir(args.checkpoint, args.out, steps=args.steps, fp16=args.fp16, int8=args.int8,
-                          calibration_data=args.calibration_data, guidance_scale=args.guidance_scale)
-    except (FileNotFoundError, ValueError, ExportError) as error:
+                          calibration_data=args.calibration_data, guidance_scale=args.guidance_scale,
+                          memory_budget=args.memory_budget)
+    except (FileNotFoundError, ValueError, ExportError, MemoryBudgetError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
 
     from movq_deploy.backends.openvino import OpenVinoRunner
     from movq_deploy.export.openvino_graphs import RunnerSession, held_out_figures
+    from movq_deploy.export.memory import GraphMemory
     from movq_deploy.export.pipeline import _prior_states
     from movq_deploy.export.quantize_images import ImageQuantConfig, load_image_sets
     from movq_deploy.export.specs import graph_specs
@@ -92,14 +93,15 @@ def main(argv=None) -> dict:
         record = torch.load(ckpt, map_location="cpu", weights_only=True).get("record")
         images = load_image_sets(engines.image_size, ImageQuantConfig.calibration_images, None, record)
         specs, work = graph_specs(movq, prior), Path(folder) / "graphs"
+        memory = GraphMemory.measure(specs)
         work.mkdir()
         for graph in ("encoder", "decoder", "prior"):
             (work / f"{graph}.onnx").symlink_to(engines.verify(engines.graph("fp32", graph)).resolve())
-        held_out = _prior_states(specs["prior"], work, images, "held_out", seed=1)
+        held_out = _prior_states(specs["prior"], work, images, "held_out", seed=1, memory=memory)
         for graph, variants in cuts().items():
             for variant, ends in variants.items():
                 runner = RunnerSession(OpenVinoRunner(work / f"{graph}.onnx", graph, "bf16", ends=ends))
-                figures = held_out_figures(specs[graph], work, runner, images, held_out)
+                figures = held_out_figures(specs[graph], work, runner, images, held_out, memory)
                 if graph == "prior":
                     figures["held_out_sampled_agreement"] = sampled_agreement(
                         cpu_session(work / "prior.onnx"), runner, held_out, engines.mask_id)

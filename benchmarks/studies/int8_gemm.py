@@ -58,6 +58,7 @@ def export_int8_prior(config: str, workdir: Path) -> "tuple[Path, object]":
     prior's config."""
     import torch
 
+    from movq_deploy.export.memory import GraphMemory
     from movq_deploy.export.onnx_graph import export_graph, finalize_graph
     from movq_deploy.export.precision import quantize_int8
     from movq_deploy.export.specs import graph_specs, io_shapes
@@ -75,7 +76,8 @@ def export_int8_prior(config: str, workdir: Path) -> "tuple[Path, object]":
     scratch = workdir / f"{config}.scratch"
     scratch.mkdir()
     # Random weights: calibrate on the validation's random states (speed does not depend on the scales).
-    quantize_int8(spec, fp32_path, int8_path, scratch, spec.make_inputs(32, np.random.default_rng(0)))
+    batch = GraphMemory.measure({"prior": spec}).rows("prior", "calibrating", every_tensor=True, most=16)
+    quantize_int8(spec, fp32_path, int8_path, scratch, spec.make_inputs(32, np.random.default_rng(0)), batch)
     return int8_path, prior.config
 
 

@@ -25,16 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import load_average, machine_info  # noqa: E402
+from movq_deploy.export.memory import GraphMemory  # noqa: E402
 from movq_deploy.export.quantize_images import (  # noqa: E402
     ImageQuantConfig, load_image_sets, quantize_image_graphs, run_batched,
 )
+from movq_deploy.export.validation import cpu_session  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 
 CONFIGS = {"tiny": "tiny", "paper": "paper-f16"}  # --configs -> MoVQ preset
 
 
-def export_image_graphs(config: str, ckpt: "str | None", work: Path) -> "tuple[int, dict | None]":
-    """encoder.onnx and decoder.onnx of a fresh `config` tokenizer (or ckpt's) in work; (image size, ckpt record)."""
+def export_image_graphs(config: str, ckpt: "str | None", work: Path) -> "tuple[int, dict | None, GraphMemory]":
+    """encoder.onnx and decoder.onnx of a fresh `config` tokenizer (or ckpt's) in work; (image size, ckpt record,
+    their memory per image within the default budget)."""
     import torch
 
     from movq_deploy.export.onnx_graph import export_graph, finalize_graph
@@ -55,7 +58,7 @@ def export_image_graphs(config: str, ckpt: "str | None", work: Path) -> "tuple[i
     for name in ("encoder", "decoder"):
         export_graph(specs[name], work / f"{name}.onnx")
         finalize_graph(specs[name], work / f"{name}.onnx", io_shapes(specs[name]))
-    return movq.config.image_size, record
+    return movq.config.image_size, record, GraphMemory.measure({name: specs[name] for name in ("encoder", "decoder")})
 
 
 def time_pair(fp32_path: Path, int8_path: Path, feeds: dict, repeats: int) -> dict:
@@ -83,16 +86,17 @@ def measure(config: str, args, quant: ImageQuantConfig, log) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"movq-int8-images-{config}-") as tmp:
         work = Path(tmp)
         tick = time.perf_counter()
-        size, record = export_image_graphs(config, args.ckpt, work)
+        size, record, memory = export_image_graphs(config, args.ckpt, work)
         images = load_image_sets(size, quant.calibration_images, args.calibration_data, record)
         if args.held_out:
             images.held_out = images.held_out[:args.held_out]
         scratch = work / "scratch"
         scratch.mkdir()
-        figures = quantize_image_graphs(work, scratch, images, quant)
+        figures = quantize_image_graphs(work, scratch, images, quant, memory)
         log(f"{config}: exported and quantized in {time.perf_counter() - tick:.0f} s")
         batch = images.held_out[np.arange(args.batch) % len(images.held_out)]
-        tokens = run_batched(work / "encoder.onnx", "image", batch)
+        tokens = run_batched(cpu_session(work / "encoder.onnx"), "image", batch,
+                             memory.rows("encoder", "encoding the timed batch"))
         timings = {"decode": time_pair(work / "decoder.onnx", work / "decoder.int8.onnx", {"indices": tokens},
                                        args.repeats),
                    "encode": time_pair(work / "encoder.onnx", work / "encoder.int8.onnx", {"image": batch},

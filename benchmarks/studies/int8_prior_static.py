@@ -39,6 +39,7 @@ from benchmarks.machine import load_average, machine_info  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from benchmarks.timing import time_calls  # noqa: E402
 from movq_deploy import contract  # noqa: E402
+from movq_deploy.export.memory import GraphMemory  # noqa: E402
 from movq_deploy.export.quantize_prior import (  # noqa: E402
     CALIBRATION_GRIDS, FeedsReader, prior_states, take, top_token_agreement,
 )
@@ -138,13 +139,14 @@ def trained_subject(engine_dir: Path, ckpt: "str | None", calibration_images: in
 
     engines = EngineDir.load(engine_dir)
     movq, prior, loaded = load_models(resolve_ckpt(ckpt, engines))
-    specs = {name: spec for name, spec in graph_specs(movq, prior).items() if name in contract.PRIOR_GRAPHS}
+    every = graph_specs(movq, prior)
+    specs = {name: spec for name, spec in every.items() if name in contract.PRIOR_GRAPHS}
     for name in specs:
         (work / f"{name}.onnx").write_bytes((engine_dir / f"{name}.onnx").read_bytes())
     images = load_image_sets(engines.image_size, calibration_images, record=loaded.get("record"))
-    encoder = engine_dir / "encoder.onnx"
-    return specs, (images.token_grids(encoder, "calibration"), images.calibration_labels), \
-        (images.token_grids(encoder, "held_out"), images.held_out_labels)
+    encoder, memory = engine_dir / "encoder.onnx", GraphMemory.measure({"encoder": every["encoder"]})
+    return specs, (images.token_grids(encoder, "calibration", memory), images.calibration_labels), \
+        (images.token_grids(encoder, "held_out", memory), images.held_out_labels)
 
 
 def paper_subject(calibration_images: int, work: Path):
@@ -170,7 +172,7 @@ def paper_subject(calibration_images: int, work: Path):
     return {"prior": spec}, random_grids(calibration_images), random_grids(8)
 
 
-def write_variants(spec, work: Path, calibration_feeds: dict, args, log) -> dict:
+def write_variants(spec, work: Path, calibration_feeds: dict, args, log, memory) -> dict:
     """{variant: path}: fp32, ONNX Runtime's dynamic quantization (the earlier export), the export's static
     activation scales, and quantize_static's QDQ graphs for each --methods x --activations."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -186,7 +188,8 @@ def write_variants(spec, work: Path, calibration_feeds: dict, args, log) -> dict
         warnings.simplefilter("ignore")
         quantize_dynamic(str(prepared), str(paths["dynamic"]), weight_type=QuantType.QInt8, per_channel=True)
     tick = time.perf_counter()
-    quantize_int8(spec, paths["fp32"], paths["static (export)"], scratch, calibration_feeds)
+    quantize_int8(spec, paths["fp32"], paths["static (export)"], scratch, calibration_feeds,
+                  memory.rows(name, "calibrating", every_tensor=True, most=16))
     log(f"{name}: static (export) calibrated in {time.perf_counter() - tick:.0f} s")
     for method in args.methods:
         for activation in args.activations:
@@ -205,14 +208,15 @@ def measure_graph(spec, work: Path, calibration, held_out, args, log) -> dict:
     calibration_feeds = prior_states(*calibration, config, guided, np.random.default_rng(0))
     held_feeds = prior_states(*held_out, config, guided, np.random.default_rng(1))
     held_feeds = take(held_feeds, np.random.default_rng(2).permutation(len(held_feeds["tokens"])))  # mixed
-    paths = write_variants(spec, work, calibration_feeds, args, log)
+    memory = GraphMemory.measure({spec.name: spec})
+    paths = write_variants(spec, work, calibration_feeds, args, log, memory)
     sessions = {variant: cpu_session(path) for variant, path in paths.items()}
     rows = {}
     for variant, session in sessions.items():
         rows[variant] = {"independence": batch_independence(session, held_feeds)}
         if variant != "fp32" and not args.skip_agreement:
-            rows[variant]["top_token_agreement"] = top_token_agreement(sessions["fp32"], session, held_feeds,
-                                                                       config.mask_id)
+            rows[variant]["top_token_agreement"] = top_token_agreement(
+                sessions["fp32"], session, held_feeds, config.mask_id, memory.rows(spec.name, "comparing", most=64))
         log(f"{spec.name} {variant}: {rows[variant]}")
     del sessions
     first_step = {}

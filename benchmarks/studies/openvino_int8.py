@@ -35,7 +35,7 @@ from benchmarks.timing import time_calls  # noqa: E402
 STAGE_OF = {"prior": "prior_step", "decoder": "decode", "encoder": "encode"}
 
 
-def variants(name: str, engines, spec, work: Path, images, states) -> dict:
+def variants(name: str, engines, spec, work: Path, images, states, memory) -> dict:
     """{variant: (runner, how it was made)} for graph `name`."""
     from benchmarks.studies.int8_prior_static import quantize_static_prior
     from movq_deploy.backends.onnxruntime import OnnxRuntimeRunner
@@ -43,7 +43,8 @@ def variants(name: str, engines, spec, work: Path, images, states) -> dict:
     from movq_deploy.export.openvino_graphs import quantize_for_openvino
 
     fp32 = engines.verify(engines.graph("fp32", name))
-    xml, _, figures = quantize_for_openvino(spec, work, images, states.get("calibration"), states.get("held_out"))
+    xml, _, figures = quantize_for_openvino(spec, work, images, states.get("calibration"), states.get("held_out"),
+                                            memory)
     if name == "prior":
         qdq = work / "prior.qdq.onnx"
         quantize_static_prior(fp32, qdq, states["calibration"], "minmax", "uint8", work)
@@ -57,15 +58,16 @@ def variants(name: str, engines, spec, work: Path, images, states) -> dict:
     return found
 
 
-def measure_graph(name: str, engines, spec, images, states, args, log) -> dict:
+def measure_graph(name: str, engines, spec, images, states, args, log, memory) -> dict:
     from movq_deploy.export.openvino_graphs import RunnerSession, held_out_figures
 
     with tempfile.TemporaryDirectory(prefix=f"ov-int8-{name}-") as folder:
         work = Path(folder)
         for graph in dict.fromkeys(("encoder", name)):  # the fp32 graphs it reads, under the export's names
             (work / f"{graph}.onnx").symlink_to(engines.verify(engines.graph("fp32", graph)).resolve())
-        runners = variants(name, engines, spec, work, images, states)
-        agreement = {variant: held_out_figures(spec, work, RunnerSession(runner), images, states.get("held_out"))
+        runners = variants(name, engines, spec, work, images, states, memory)
+        agreement = {variant: held_out_figures(spec, work, RunnerSession(runner), images, states.get("held_out"),
+                                               memory)
                      for variant, runner in runners.items()}
         feeds = {batch: stage_feeds(STAGE_OF[name], batch, engines, np.random.default_rng(batch))
                  for batch in args.batch_sizes}
@@ -107,6 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    from movq_deploy.export.memory import GraphMemory
     from movq_deploy.export.pipeline import _prior_states
     from movq_deploy.export.quantize_images import ImageQuantConfig, load_image_sets
     from movq_deploy.export.specs import graph_specs
@@ -119,14 +122,16 @@ def main(argv=None) -> dict:
         record = torch.load(ckpt, map_location="cpu", weights_only=True).get("record")
         images = load_image_sets(engines.image_size, ImageQuantConfig.calibration_images, None, record)
         specs = graph_specs(movq, prior)
+        memory = GraphMemory.measure(specs)
         work = Path(folder) / "grids"
         work.mkdir()
         (work / "encoder.onnx").symlink_to(engines.verify(engines.graph("fp32", "encoder")).resolve())
-        states = {part: _prior_states(specs["prior"], work, images, part, seed)
+        states = {part: _prior_states(specs["prior"], work, images, part, seed, memory)
                   for part, seed in (("calibration", 0), ("held_out", 1)) if part == "calibration" or len(images.held_out)}
         results = {"batch_sizes": args.batch_sizes, "graphs": {}}
         for name in args.graphs.split(","):
-            graph = measure_graph(name, engines, specs[name], images, states if name == "prior" else {}, args, print)
+            graph = measure_graph(name, engines, specs[name], images, states if name == "prior" else {}, args, print,
+                                  memory)
             results["graphs"][name] = {"p50_ms": {v: {str(b): t for b, t in times.items()}
                                                   for v, times in graph["p50_ms"].items()},
                                        "agreement": graph["agreement"]}

@@ -25,15 +25,18 @@ import numpy as np
 
 from movq_deploy.backends import cpu_features
 from movq_deploy.contract import PRIOR_GRAPHS
-from movq_deploy.export.quantize_images import ImageSets, psnr_figures
+from movq_deploy.export.memory import GraphMemory
+from movq_deploy.export.quantize_images import ImageSets, psnr_figures, run_batched
 from movq_deploy.export.quantize_prior import take, top_token_agreement
 from movq_deploy.export.specs import GraphSpec
 from movq_deploy.export.validation import compare_with_fp32, cpu_session
 
 # Graphs quantized for OpenVINO: where int8 pays over bf16 at paper size (BENCHMARKS.md, "int8 on OpenVINO").
 INT8_GRAPHS = ("prior", "prior_guided", "decoder")
-CALIBRATION_BATCH = 4  # rows per NNCF calibration item
-RUN_BATCH = 16  # rows per call while comparing
+# The most rows per NNCF calibration item and per call while comparing (fewer where the memory budget says so:
+# GraphMemory.rows); a calibration's statistics do not depend on how its rows are grouped
+CALIBRATION_BATCH = 4
+RUN_BATCH = 16
 
 
 def bf16_unavailable() -> Optional[str]:
@@ -62,41 +65,39 @@ class RunnerSession:
         return [outputs[name] for name in (names or [spec.name for spec in self.runner.outputs])]
 
 
-def held_out_figures(spec: GraphSpec, work: Path, candidate, images: ImageSets, held_out_states: Optional[dict]):
+def held_out_figures(spec: GraphSpec, work: Path, candidate, images: ImageSets, held_out_states: Optional[dict],
+                     memory: GraphMemory):
     """What `candidate` (a session-like object) keeps of the fp32 graph on the held-out data: the prior's most
     likely token on `held_out_states`, the encoder's indices of the held-out crops, the decoder's images of their
     token grids (PSNR). {} where there is no held-out data."""
     if not len(images.held_out):
         return {}
     fp32_path = work / f"{spec.name}.onnx"
+    batch = memory.rows(spec.name, "comparing with fp32 on held-out data", most=RUN_BATCH)
     if spec.name in PRIOR_GRAPHS:
         mask_id = spec.module.step.prior.config.mask_id
         return {"held_out_top_token_agreement": top_token_agreement(cpu_session(fp32_path), candidate,
-                                                                    held_out_states, mask_id)}
-    grids = images.token_grids(work / "encoder.onnx", "held_out")  # the fp32 encoder's
+                                                                    held_out_states, mask_id, batch)}
+    grids = images.token_grids(work / "encoder.onnx", "held_out", memory)  # the fp32 encoder's
     if spec.name == "encoder":
-        indices = _run(candidate, "image", images.held_out)
+        indices = run_batched(candidate, "image", images.held_out, batch)
         return {"index_agreement": float((indices == grids).mean()), "images": len(grids)}
-    reference = _run(cpu_session(fp32_path), "indices", grids)
-    return {**psnr_figures(reference, _run(candidate, "indices", grids)), "images": len(grids)}
+    reference = run_batched(cpu_session(fp32_path), "indices", grids, batch)
+    return {**psnr_figures(reference, run_batched(candidate, "indices", grids, batch)), "images": len(grids)}
 
 
-def _run(session, input_name: str, array: np.ndarray) -> np.ndarray:
-    return np.concatenate([session.run(None, {input_name: np.ascontiguousarray(array[i:i + RUN_BATCH])})[0]
-                           for i in range(0, len(array), RUN_BATCH)])
-
-
-def bf16_validation(spec: GraphSpec, work: Path, images: ImageSets, held_out_states: Optional[dict]) -> dict:
+def bf16_validation(spec: GraphSpec, work: Path, images: ImageSets, held_out_states: Optional[dict],
+                    memory: GraphMemory) -> dict:
     """The bf16 runner's agreement with the fp32 graph: on the validation inputs and on the held-out data."""
     from movq_deploy.backends.openvino import OpenVinoRunner
 
     runner = RunnerSession(OpenVinoRunner(work / f"{spec.name}.onnx", spec.name, "bf16"))
     figures = compare_with_fp32(spec, work / f"{spec.name}.onnx", runner)
-    return {**figures, **held_out_figures(spec, work, runner, images, held_out_states)}
+    return {**figures, **held_out_figures(spec, work, runner, images, held_out_states, memory)}
 
 
 def quantize_for_openvino(spec: GraphSpec, work: Path, images: ImageSets, calibration_states: Optional[dict],
-                          held_out_states: Optional[dict]) -> "tuple[str, str, dict]":
+                          held_out_states: Optional[dict], memory: GraphMemory) -> "tuple[str, str, dict]":
     """work/<graph>.int8-openvino.xml (+ .bin) by NNCF from work/<graph>.onnx, calibrated on the prior's
     `calibration_states` or on the calibration crops (encoder) / their token grids (decoder). Returns the IR and
     weight file names and the figures: agreement with fp32 on the validation inputs and the held-out data, and how
@@ -109,17 +110,16 @@ def quantize_for_openvino(spec: GraphSpec, work: Path, images: ImageSets, calibr
 
     model = fold_constants(shared_core().read_model(str(work / f"{spec.name}.onnx")))
     prefix, suffix = fp32_ends(model, spec.name)
+    batch = memory.rows(spec.name, "calibrating OpenVINO int8", every_tensor=True, most=CALIBRATION_BATCH)
     if spec.name in PRIOR_GRAPHS:
         rows = len(calibration_states["tokens"])
-        items = [take(calibration_states, slice(start, start + CALIBRATION_BATCH))
-                 for start in range(0, rows, CALIBRATION_BATCH)]
+        items = [take(calibration_states, slice(start, start + batch)) for start in range(0, rows, batch)]
     else:
         array = (images.calibration if spec.name == "encoder"
-                 else images.token_grids(work / "encoder.onnx", "calibration"))
+                 else images.token_grids(work / "encoder.onnx", "calibration", memory))
         name = spec.input_names[0]
         rows = len(array)
-        items = [{name: np.ascontiguousarray(array[start:start + CALIBRATION_BATCH])}
-                 for start in range(0, rows, CALIBRATION_BATCH)]
+        items = [{name: np.ascontiguousarray(array[start:start + batch])} for start in range(0, rows, batch)]
     level = nncf_logger.level
     nncf.set_log_level(logging.WARNING)  # its INFO lines name every op it leaves unquantized
     try:
@@ -137,7 +137,7 @@ def quantize_for_openvino(spec: GraphSpec, work: Path, images: ImageSets, calibr
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
     runner = RunnerSession(OpenVinoRunner(work / xml, spec.name, "int8"))
     figures = {**compare_with_fp32(spec, work / f"{spec.name}.onnx", runner),
-               **held_out_figures(spec, work, runner, images, held_out_states),
+               **held_out_figures(spec, work, runner, images, held_out_states, memory),
                "quantization": {"tool": f"nncf {nncf.__version__}", "calibration_rows": rows,
                                 "fake_quantize_ops": fake_quantize, "fp32_ops": len(prefix | suffix)}}
     return xml, weights, figures

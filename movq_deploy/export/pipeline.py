@@ -17,10 +17,12 @@ import torch
 from movq_deploy import manifest as mf
 from movq_deploy.contract import GUIDED_PRIOR, PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir, Grid
+from movq_deploy.memory import format_bytes
 from movq_deploy.backends.cpu_choice import OPENVINO_INT8
 from movq_deploy.export import openvino_graphs
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
 from movq_deploy.export.flops import flops_per_image
+from movq_deploy.export.memory import GraphMemory
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
 from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
@@ -50,31 +52,33 @@ def _fp16_graph(spec: GraphSpec, work: Path) -> "tuple[onnx.ModelProto, dict]":
     return model, compare_graphs(spec, fp32_path, path)
 
 
-def _prior_states(spec: GraphSpec, work: Path, images: ImageSets, part: str, seed: int) -> dict:
+def _prior_states(spec: GraphSpec, work: Path, images: ImageSets, part: str, seed: int, memory: GraphMemory) -> dict:
     """Prior-step states of the first CALIBRATION_GRIDS crops of `part` ("calibration" or "held_out"): their token
     grids (fp32 encoder graph) masked along the sampling schedule (movq_deploy.export.quantize_prior)."""
-    grids = images.token_grids(work / "encoder.onnx", part)[:CALIBRATION_GRIDS]
+    grids = images.token_grids(work / "encoder.onnx", part, memory)[:CALIBRATION_GRIDS]
     labels = getattr(images, f"{part}_labels")[:CALIBRATION_GRIDS]
     return prior_states(grids, labels, spec.module.step.prior.config, guided=spec.name == GUIDED_PRIOR,
                         rng=np.random.default_rng(seed))
 
 
-def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets) -> "tuple[onnx.ModelProto, dict]":
+def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets, memory: GraphMemory) -> "tuple[onnx.ModelProto, dict]":
     """Quantized from the fp32 graph (its intermediate files in a scratch folder), calibrated on `images`, and
     compared with it: the encoder and decoder on the held-out images, the prior-step graphs on the validation
     inputs and on states of the held-out images (the random validation tokens are few and unlike real grids)."""
     fp32_path, path = work / f"{spec.name}.onnx", work / f"{spec.name}.int8.onnx"
     with tempfile.TemporaryDirectory(dir=work, prefix=".int8-") as scratch:
         if spec.name not in PRIOR_GRAPHS:
-            figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch))
+            figures = quantize_image_graph(spec.name, work, images, ImageQuantConfig(), Path(scratch), memory)
             return onnx.load(str(path)), figures
-        calibration = _prior_states(spec, work, images, "calibration", seed=0)
-        quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration)
+        calibration = _prior_states(spec, work, images, "calibration", seed=0, memory=memory)
+        quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration,
+                                     memory.rows(spec.name, "calibrating the int8 prior", every_tensor=True))
     agreement = compare_graphs(spec, fp32_path, path)
     if len(images.held_out):
-        held_out = _prior_states(spec, work, images, "held_out", seed=1)
+        held_out = _prior_states(spec, work, images, "held_out", seed=1, memory=memory)
         agreement["held_out_top_token_agreement"] = top_token_agreement(
-            cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id)
+            cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id,
+            memory.rows(spec.name, "comparing the int8 prior with fp32"))
     return onnx.load(str(path)), {**agreement, **quantization}
 
 
@@ -87,27 +91,30 @@ PRECISIONS = {
 }
 
 
-def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[str]",
-                 log: Callable[[str], None], images: "ImageSets | None" = None) -> "tuple[dict, dict]":
+def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[str]", log: Callable[[str], None],
+                 memory: GraphMemory, images: "ImageSets | None" = None) -> "tuple[dict, dict]":
     """Writes every graph of each precision into `work`, in order (fp16 and int8 start from the fp32 graph; int8
-    calibrates the encoder and decoder on `images`); returns the manifest's "graphs" and "validation" entries."""
+    calibrates the encoder and decoder on `images`), each loop over images `memory.rows` at a time; returns the
+    manifest's "graphs" and "validation" entries."""
     graphs: dict = {}
     validation: dict = {}
     for precision in precisions:
         writer, infix, compared = PRECISIONS[precision]
         for name in specs:
             tick = time.perf_counter()
-            model, figures = writer(specs[name], work, images) if precision == "int8" else writer(specs[name], work)
+            model, figures = writer(specs[name], work, images, memory) if precision == "int8" else \
+                writer(specs[name], work)
             validation.setdefault(precision, {})[name] = figures
             graphs.setdefault(precision, {})[name] = mf.file_entry(
                 work, f"{name}{infix}.onnx", opset=OPSET, exporter=EXPORTER,
                 inputs=tensor_specs(model.graph.input), outputs=tensor_specs(model.graph.output))
             log(f"{name:8s} {precision}  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
                 f"{compared}: {summary(figures)}")
-    for name in specs:  # what one image costs in each graph: the runtime's CPU choice reads it
+    for name in specs:  # what one image costs in each graph: the runtime's CPU choice and batch sizes read it
         graphs["fp32"][name]["flops_per_image"] = flops_per_image(specs[name])
+        graphs["fp32"][name]["memory_per_image"] = memory.per_image[name]
     if images is not None:
-        _openvino_graphs(specs, work, "int8" in precisions, log, images, graphs, validation)
+        _openvino_graphs(specs, work, "int8" in precisions, log, images, graphs, validation, memory)
     for key in ("int8", OPENVINO_INT8):
         agreement = validation.get(key, {}).get("prior", {}).get("held_out_top_token_agreement", 1.0)
         if agreement < 0.95:
@@ -117,12 +124,12 @@ def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[st
 
 
 def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log: Callable[[str], None],
-                     images: ImageSets, graphs: dict, validation: dict) -> None:
+                     images: ImageSets, graphs: dict, validation: dict, memory: GraphMemory) -> None:
     """Where openvino (and nncf) are installed: the bf16 validation of every graph and, with `int8`, OpenVINO's
     int8 graphs (movq_deploy.export.openvino_graphs), into `graphs` and `validation`."""
     def states(spec, part, seed):
         if spec.name in PRIOR_GRAPHS and (part == "calibration" or len(images.held_out)):
-            return _prior_states(spec, work, images, part, seed)
+            return _prior_states(spec, work, images, part, seed, memory)
         return None
 
     why_not = openvino_graphs.bf16_unavailable()
@@ -132,7 +139,7 @@ def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log:
         if why_not:
             break
         tick = time.perf_counter()
-        figures = openvino_graphs.bf16_validation(spec, work, images, states(spec, "held_out", seed=1))
+        figures = openvino_graphs.bf16_validation(spec, work, images, states(spec, "held_out", seed=1), memory)
         validation.setdefault("bf16", {})[name] = figures
         log(f"{name:8s} bf16   OpenVINO, {time.perf_counter() - tick:6.1f} s  vs fp32: {summary(figures)}")
     why_not = openvino_graphs.int8_unavailable() if int8 else "--int8 not given"
@@ -143,7 +150,7 @@ def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log:
             continue
         tick = time.perf_counter()
         xml, weights, figures = openvino_graphs.quantize_for_openvino(
-            spec, work, images, states(spec, "calibration", seed=0), states(spec, "held_out", seed=1))
+            spec, work, images, states(spec, "calibration", seed=0), states(spec, "held_out", seed=1), memory)
         validation.setdefault(OPENVINO_INT8, {})[name] = figures
         graphs.setdefault(OPENVINO_INT8, {})[name] = mf.file_entry(
             work, xml, weights=mf.file_entry(work, weights), format="openvino-ir",
@@ -182,6 +189,7 @@ def export_engine_dir(
     log: Callable[[str], None] = print,
     calibration_data: "str | os.PathLike[str] | None" = None,
     guidance_scale: float = 0.0,
+    memory_budget: "str | int | None" = None,
 ) -> EngineDir:
     """Exports, checks and validates every graph of ckpt_path into `out`; returns the engine directory written.
 
@@ -189,7 +197,9 @@ def export_engine_dir(
     int8 prior-step graphs, encoder and decoder, with static activation scales calibrated on `calibration_data`
     (the prior on the images' token grids; an image folder;
     default: the data the tokenizer was trained on, else scikit-image's photographs). `guidance_scale` is the
-    classifier-free guidance default recorded in the manifest (class-conditional priors only; 0 = unguided)."""
+    classifier-free guidance default recorded in the manifest (class-conditional priors only; 0 = unguided).
+    `memory_budget` bounds every batched loop over images (movq_deploy.memory; default $MOVQ_MEMORY_BUDGET, else a
+    share of the memory available)."""
     if steps is not None and steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     guidance_scale = check_guidance_scale(guidance_scale, 1)
@@ -202,6 +212,10 @@ def export_engine_dir(
     steps = steps if steps is not None else paper_steps(prior.config.conditional)
     started = time.perf_counter()
     specs = graph_specs(movq, prior)
+    memory = GraphMemory.measure(specs, memory_budget)
+    log(f"memory per image (peak / every tensor): " + ", ".join(
+        f"{name} {format_bytes(cost['peak'])} / {format_bytes(cost['allocated'])}"
+        for name, cost in memory.per_image.items()) + f"; budget {memory.budget}")
     work = make_work_dir(out)
     try:
         precisions = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8
@@ -210,7 +224,7 @@ def export_engine_dir(
         needs_images = int8 or openvino_graphs.bf16_unavailable() is None
         images = load_image_sets(movq.config.image_size, ImageQuantConfig.calibration_images, calibration_data,
                                  ckpt.get("record")) if needs_images else None
-        graphs, validation = write_graphs(specs, work, precisions, log, images)
+        graphs, validation = write_graphs(specs, work, precisions, log, memory, images)
         defaults = SamplingDefaults(steps=steps, guidance_scale=guidance_scale)
         engine_dir = build_engine_dir(work, movq, prior, ckpt, ckpt_path, defaults, graphs, validation,
                                       seconds=time.perf_counter() - started)

@@ -166,11 +166,13 @@ def prepare_int8_prior(spec: GraphSpec, fp32_path: Path, scratch: Path) -> "tupl
     return prepared_path, fusions
 
 
-def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path, calibration: dict) -> dict:
+def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path, calibration: dict,
+                  batch: int) -> dict:
     """prior.int8.onnx (or prior_guided.int8.onnx): ONNX Runtime's BERT fusions, quant_pre_process, int8 weights
     (per channel) and QAttention / u8s8 GEMMs from quantize_dynamic, then activation scales fixed from the
     prior-step states `calibration` (movq_deploy.export.quantize_prior), so each image's outputs are independent of
-    its batchmates. The result holds com.microsoft ops: it is an ONNX Runtime (CPU) graph, not a TensorRT one.
+    its batchmates (calibrated `batch` states per call). The result holds com.microsoft ops: it is an ONNX Runtime
+    (CPU) graph, not a TensorRT one.
     Returns the fused-operator counts and the calibration's size."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -181,7 +183,8 @@ def quantize_int8(spec: GraphSpec, fp32_path: Path, path: Path, scratch: Path, c
         quantize_dynamic(str(prepared_path), str(dynamic_path), weight_type=QuantType.QInt8, per_channel=True)
     model = onnx.load(str(dynamic_path))
     activations = {node.input[0] for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"}
-    frozen = freeze_activation_scales(model, activation_ranges(prepared_path, calibration, activations, scratch))
+    frozen = freeze_activation_scales(model, activation_ranges(prepared_path, calibration, activations, scratch,
+                                                               batch))
     onnx.save(model, str(path))
     bad = forbidden_ops(model)
     if bad:

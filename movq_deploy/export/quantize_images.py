@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
+from movq_deploy.export.memory import GraphMemory
 from movq_deploy.export.onnx_graph import consumers
 from movq_deploy.export.specs import ExportError
 from movq_deploy.export.validation import cpu_session
@@ -34,6 +35,7 @@ from movq_deploy.export.validation import cpu_session
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QUANTIZED_OPS = ["Conv", "MatMul"]
 PSNR_CAP_DB = 100.0  # identical images have an infinite PSNR; the manifest stores finite JSON numbers
+RUN_BATCH = 16  # the most images per call while encoding or comparing (fewer where the memory budget says so)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class ImageQuantConfig:
     """How the encoder and decoder are quantized (the defaults are the measured best; see BENCHMARKS.md)."""
 
     calibration_images: int = 64  # training crops run through each graph to calibrate its activation ranges
-    calibration_batch: int = 8
+    calibration_batch: int = 8  # the most crops per calibration call (fewer where the memory budget says so)
     method: str = "minmax"  # "percentile" / "entropy" histogram every activation: small images only
     encoder_fp32_final_convs: int = 2  # conv_out and quant_conv: z feeds the nearest-code search directly
     decoder_fp32_final_convs: int = 1  # conv_out, to the 3 colour channels
@@ -68,12 +70,13 @@ class ImageSets:
     held_out_labels: Optional[np.ndarray] = None
     _grids: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def token_grids(self, encoder_path: Path, part: str) -> np.ndarray:
+    def token_grids(self, encoder_path: Path, part: str, memory: GraphMemory) -> np.ndarray:
         """int32 [n, h, w, c]: the token grids of `part` ("calibration" or "held_out") by the fp32 encoder graph at
         `encoder_path`, computed once: the int8 decoder and both int8 prior graphs calibrate and compare on them."""
         key = (str(encoder_path), part)
         if key not in self._grids:
-            self._grids[key] = run_batched(encoder_path, "image", getattr(self, part))
+            batch = memory.rows("encoder", "encoding crops", most=RUN_BATCH)
+            self._grids[key] = run_batched(cpu_session(encoder_path), "image", getattr(self, part), batch)
         return self._grids[key]
 
 
@@ -112,9 +115,10 @@ class ArrayReader:
         self.start = 0
 
 
-def run_batched(path: Path, input_name: str, array: np.ndarray, batch: int = 16) -> np.ndarray:
-    session = cpu_session(path)
-    return np.concatenate([session.run(None, {input_name: array[i:i + batch]})[0]
+def run_batched(session, input_name: str, array: np.ndarray, batch: int) -> np.ndarray:
+    """The first output of `session` (anything with an ONNX Runtime session's `run`) over `array`, `batch` rows
+    per call."""
+    return np.concatenate([session.run(None, {input_name: np.ascontiguousarray(array[i:i + batch])})[0]
                            for i in range(0, len(array), batch)])
 
 
@@ -146,8 +150,9 @@ def fp32_nodes(name: str, model: onnx.ModelProto, config: ImageQuantConfig) -> "
 
 
 def quantize_graph(name: str, fp32_path: Path, path: Path, calibration: np.ndarray, config: ImageQuantConfig,
-                   scratch: Path) -> "list[str]":
-    """Writes the static int8 graph of fp32_path to path; returns the names of the nodes kept fp32."""
+                   scratch: Path, batch: int) -> "list[str]":
+    """Writes the static int8 graph of fp32_path to path, calibrated `batch` rows per call; returns the names of
+    the nodes kept fp32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     prepared = scratch / f"{name}.prepared.onnx"
@@ -165,7 +170,7 @@ def quantize_graph(name: str, fp32_path: Path, path: Path, calibration: np.ndarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_static(
-            str(prepared), str(path), ArrayReader(input_name, calibration, config.calibration_batch),
+            str(prepared), str(path), ArrayReader(input_name, calibration, batch),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
             calibrate_method=method,
@@ -180,11 +185,11 @@ def quantize_graph(name: str, fp32_path: Path, path: Path, calibration: np.ndarr
     return keep
 
 
-def decoder_agreement(fp32_path: Path, int8_path: Path, tokens: np.ndarray) -> dict:
+def decoder_agreement(fp32_path: Path, int8_path: Path, tokens: np.ndarray, batch: int) -> dict:
     """PSNR (dB, over all pixels, and of the worst image) and pixel errors of the int8 decoder's images against the
     fp32 decoder's, on token grids `tokens` [n, h, w, c]."""
-    reference = run_batched(fp32_path, "indices", tokens)
-    candidate = run_batched(int8_path, "indices", tokens)
+    reference = run_batched(cpu_session(fp32_path), "indices", tokens, batch)
+    candidate = run_batched(cpu_session(int8_path), "indices", tokens, batch)
     return {**psnr_figures(reference, candidate), "images": len(tokens)}
 
 
@@ -203,31 +208,35 @@ def psnr_figures(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "mean_pixel_error": float(np.abs(reference - candidate).mean())}
 
 
-def encoder_agreement(fp32_indices: np.ndarray, int8_path: Path, images: np.ndarray) -> dict:
+def encoder_agreement(fp32_indices: np.ndarray, int8_path: Path, images: np.ndarray, batch: int) -> dict:
     """Share of slots whose int8 index is the fp32 one, over `images` [n, S, S, 3]."""
-    indices = run_batched(int8_path, "image", images)
+    indices = run_batched(cpu_session(int8_path), "image", images, batch)
     return {"index_agreement": float((indices == fp32_indices).mean()), "images": len(images)}
 
 
 def quantize_image_graph(name: str, work: Path, images: ImageSets, config: ImageQuantConfig,
-                         scratch: Path) -> dict:
+                         scratch: Path, memory: GraphMemory) -> dict:
     """work/{name}.int8.onnx from work/{name}.onnx ("encoder" or "decoder"; the decoder's calibration and held-out
-    token grids come from work/encoder.onnx). Returns its agreement figures on the held-out data, and
-    "quantization": how it was made (calibration, the nodes kept fp32)."""
+    token grids come from work/encoder.onnx), each loop `memory.rows` images at a time. Returns its agreement
+    figures on the held-out data, and "quantization": how it was made (calibration, the nodes kept fp32)."""
     train = images.calibration[:config.calibration_images]
-    held_out_tokens = images.token_grids(work / "encoder.onnx", "held_out")  # (n, h, w, c)
+    held_out_tokens = images.token_grids(work / "encoder.onnx", "held_out", memory)  # (n, h, w, c)
     fp32_path, path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
+    # the calibrator records every intermediate tensor of a call
+    calibration_batch = memory.rows(name, "calibrating int8", every_tensor=True, most=config.calibration_batch)
+    run_batch = memory.rows(name, "comparing int8 with fp32", most=RUN_BATCH)
     if name == "encoder":
-        keep = quantize_graph(name, fp32_path, path, train, config, scratch)
-        agreement = encoder_agreement(held_out_tokens, path, images.held_out)
-    else:
-        tokens = images.token_grids(work / "encoder.onnx", "calibration")[:len(train)]  # of the calibration crops
-        keep = quantize_graph(name, fp32_path, path, tokens, config, scratch)
-        agreement = decoder_agreement(fp32_path, path, held_out_tokens)
+        keep = quantize_graph(name, fp32_path, path, train, config, scratch, calibration_batch)
+        agreement = encoder_agreement(held_out_tokens, path, images.held_out, run_batch)
+    else:  # calibrated on the token grids of the calibration crops
+        tokens = images.token_grids(work / "encoder.onnx", "calibration", memory)[:len(train)]
+        keep = quantize_graph(name, fp32_path, path, tokens, config, scratch, calibration_batch)
+        agreement = decoder_agreement(fp32_path, path, held_out_tokens, run_batch)
     return {**agreement, "quantization": {**asdict(config), "calibration_images": len(train),
                                           "source": images.source, "fp32_nodes": keep}}
 
 
-def quantize_image_graphs(work: Path, scratch: Path, images: ImageSets, config: ImageQuantConfig) -> "dict[str, dict]":
+def quantize_image_graphs(work: Path, scratch: Path, images: ImageSets, config: ImageQuantConfig,
+                          memory: GraphMemory) -> "dict[str, dict]":
     """encoder.int8.onnx and decoder.int8.onnx beside work/encoder.onnx and work/decoder.onnx: {graph: figures}."""
-    return {name: quantize_image_graph(name, work, images, config, scratch) for name in ("encoder", "decoder")}
+    return {name: quantize_image_graph(name, work, images, config, scratch, memory) for name in ("encoder", "decoder")}

@@ -73,7 +73,7 @@ def take(feeds: dict, rows) -> dict:
 class FeedsReader:
     """onnxruntime.quantization's CalibrationDataReader over prior-step feeds, `batch` rows at a time."""
 
-    def __init__(self, feeds: dict, batch: int = 16):
+    def __init__(self, feeds: dict, batch: int):
         self.feeds, self.batch, self.start = feeds, batch, 0
         self.rows = len(feeds["tokens"])
 
@@ -88,7 +88,8 @@ class FeedsReader:
         self.start = 0
 
 
-def activation_ranges(prepared_path: Path, feeds: dict, tensors: "set[str]", scratch: Path) -> "dict[str, tuple]":
+def activation_ranges(prepared_path: Path, feeds: dict, tensors: "set[str]", scratch: Path,
+                      batch: int) -> "dict[str, tuple]":
     """{tensor: (min, max)} of `tensors` (inputs of the graph's MatMul / Attention nodes) over `feeds`, from ONNX
     Runtime's MinMax calibrator on the fp32 graph (it keeps only each batch's min/max: memory stays small)."""
     from onnxruntime.quantization import CalibrationMethod
@@ -99,7 +100,7 @@ def activation_ranges(prepared_path: Path, feeds: dict, tensors: "set[str]", scr
         calibrator = create_calibrator(str(prepared_path), ["MatMul", "Attention"],
                                        augmented_model_path=str(scratch / "calibration.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax)
-        calibrator.collect_data(FeedsReader(feeds))
+        calibrator.collect_data(FeedsReader(feeds, batch))
         ranges = calibrator.compute_data()
     missing = sorted(tensors - set(ranges.keys()))
     if missing:
@@ -151,7 +152,7 @@ def freeze_activation_scales(model: onnx.ModelProto, ranges: "dict[str, tuple]")
     return frozen
 
 
-def top_token_agreement(reference, candidate, feeds: dict, mask_id: int, batch: int = 64) -> float:
+def top_token_agreement(reference, candidate, feeds: dict, mask_id: int, batch: int) -> float:
     """Share of masked slots whose argmax draw (temperature 1e-4) is the same in both sessions."""
     cold = {**feeds, "temperature": np.full_like(feeds["temperature"], 1e-4)}
     rows = len(cold["tokens"])
