@@ -20,10 +20,11 @@ from movq_deploy.images import (
     ImagesLike, check_output_type, paste_outside_mask, to_bool_masks, to_output, to_uint8_images,
 )
 from movq_deploy.manifest import EngineDir
+from movq_deploy.memory import MemoryBudget
 
-# Largest batch per engine call when neither the caller nor the backend sets one (ONNX Runtime's dynamic batch axis).
-# The prior step is small: 64 fills the cores. The encoder and decoder hold full-resolution activations (a 256x256
-# decoder at batch 64 would need several GB on the CPU) and run as fast per image at 16 (BENCHMARKS.md).
+# The most images per engine call on the CPU, where the memory budget allows it (the manifest's memory per image;
+# movq_deploy.memory): past these a call runs no faster per image (BENCHMARKS.md). The prior step is small (64 fill
+# the cores); the encoder and decoder hold full-resolution activations (~200 MB per image at 256x256).
 DEFAULT_PRIOR_BATCH = 64
 DEFAULT_IMAGE_BATCH = 16
 # What sample and edit return: PIL images, uint8 [B,H,W,3], or the token grids int32 [B,N] (no decoder call).
@@ -44,7 +45,10 @@ class Generator:
     with native bf16) or "int8" (int8 prior, encoder and decoder on the CPU: OpenVINO's graphs or ONNX Runtime's).
     `placement` says where each graph runs, `backend_reason` why.
     batch_size: the most images per engine call (default: 64 for the prior step and 16 for the encoder and decoder,
-    or the engines' largest batch when that is smaller).
+    or the engines' largest batch when that is smaller). On the CPU fewer where `memory_budget` (bytes, or "6G";
+    default $MOVQ_MEMORY_BUDGET, else a quarter of the memory available, at most 4 GB) holds fewer images, from
+    each graph's memory per image measured at export (an older export has no such figure: the defaults apply).
+    Batch sizes never change an image.
     threads: ONNX Runtime's intra-op threads (default: the physical cores). shared_pool=True puts the three graphs
     on ONNX Runtime's process-wide thread pool, with spinning workers (faster for small batches on cores of its own,
     slower on a busy machine: BENCHMARKS.md). It
@@ -63,6 +67,7 @@ class Generator:
         threads: Optional[int] = None,
         shared_pool: bool = False,
         cache_dir: "str | os.PathLike[str] | None" = None,
+        memory_budget: "str | int | None" = None,
     ):
         for name, value in (("batch_size", batch_size), ("threads", threads)):
             if value is not None and not (sampling.is_int(value) and value > 0):
@@ -81,12 +86,23 @@ class Generator:
         self._encoder, self._decoder, self._prior = runners["encoder"], runners["decoder"], runners["prior"]
         self._prior_guided = runners.get(contract.GUIDED_PRIOR)  # None: no classifier-free guidance
 
-        def limit(default: int, *runners) -> int:
-            return min([batch_size or default] + [r.max_batch for r in runners if r.max_batch is not None])
+        self.memory_budget = MemoryBudget.resolve(memory_budget, "memory_budget")
 
-        prior_runners = [self._prior] + ([self._prior_guided] if self._prior_guided is not None else [])
-        self.batch_size = limit(DEFAULT_PRIOR_BATCH, *prior_runners)  # images per prior step
-        self.image_batch_size = limit(DEFAULT_IMAGE_BATCH, self._encoder, self._decoder)  # per encode / decode
+        def limit(default: int, graphs: List[str]) -> int:
+            caps = [batch_size or default] + [runners[g].max_batch for g in graphs if runners[g].max_batch is not None]
+            if self.placement:  # the CPU: host memory holds each call's activations
+                caps += [fits for fits in map(self._images_in_budget, graphs) if fits is not None]
+            return min(caps)
+
+        self.batch_size = limit(DEFAULT_PRIOR_BATCH, [g for g in contract.PRIOR_GRAPHS if g in runners])  # per step
+        self.image_batch_size = limit(DEFAULT_IMAGE_BATCH, ["encoder", "decoder"])  # per encode / decode
+
+    def _images_in_budget(self, graph: str) -> Optional[int]:
+        """Images per call of `graph` within the memory budget (None: the export recorded no figure)."""
+        per_image = (self.engine_dir.graph("fp32", graph) or {}).get("memory_per_image", {}).get("peak")
+        if per_image is None:
+            return None
+        return self.memory_budget.items(per_image, f"running the {graph} graph ({self.image_size}x{self.image_size})")
 
     # ---- what the engine directory says ----------------------------------------------------------------------
     @property

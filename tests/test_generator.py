@@ -328,3 +328,24 @@ def test_with_block_closes_the_runners(tiny_engines):
         generator.sample_tokens(n=1, steps=1, seed=0)
         assert closed == []
     assert sorted(closed) == ["decoder", "encoder", "prior", "prior_guided"]
+
+
+def test_batch_sizes_come_from_the_memory_budget_and_never_change_an_image(tiny_engines, tiny_generator):
+    """The export records each graph's memory per image; a budget of about two decoder images gives calls of two
+    images (the default budget, of gigabytes, the speed caps), the same images, and a budget below one image is
+    refused in one line when the Generator opens."""
+    from movq_deploy.memory import MemoryBudgetError
+
+    manifest = tiny_generator.engine_dir
+    decoder = manifest.graph("fp32", "decoder")["memory_per_image"]["peak"]
+    encoder = manifest.graph("fp32", "encoder")["memory_per_image"]["peak"]
+    assert decoder > 0 and encoder > 0
+    assert (tiny_generator.batch_size, tiny_generator.image_batch_size) == (64, 16)
+    budget = int(2.5 * max(decoder, encoder))
+    small = Generator(tiny_engines.engine_dir, memory_budget=budget)
+    assert small.image_batch_size == 2
+    kwargs = dict(n=5, seed=3, class_labels=[0, 1, 2, None, 0], output_type="np")
+    np.testing.assert_array_equal(small.sample(**kwargs), tiny_generator.sample(**kwargs))
+    with pytest.raises(MemoryBudgetError, match=r"running the (encoder|decoder|prior|prior_guided) graph \(\d+x\d+\) needs .* for one "
+                                                r"item, more than the memory budget of .* \(memory_budget\)"):
+        Generator(tiny_engines.engine_dir, memory_budget=min(decoder, encoder) // 2)

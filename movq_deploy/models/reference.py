@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from movq_deploy import contract, sampling
+from movq_deploy.memory import MemoryBudget
+from movq_deploy.models import footprint
 from movq_deploy.models.graphs import DecoderGraph, EncoderGraph, GuidedPriorStepGraph, PriorStepGraph
 from movq_deploy.models.movq import MoVQ
 from movq_deploy.models.prior import MaskGITPrior
@@ -56,12 +58,16 @@ def prior_step_runner(step: torch.nn.Module, device="cpu", autocast: Optional[to
                        device, autocast)
 
 
+MOST_PER_CALL = 64  # images per call where memory allows (the reference's calls were always this wide)
+
+
 class ReferenceSampler:
     """Samples, encodes, decodes and edits with the exported graphs' torch modules. `autocast` (torch.bfloat16,
     or torch.float16 on CUDA) runs them under torch.autocast: the reduced-precision peer of the benchmarks; the
     ground truth is None, fp32."""
 
-    def __init__(self, movq: MoVQ, prior: Optional[MaskGITPrior] = None, autocast: Optional[torch.dtype] = None):
+    def __init__(self, movq: MoVQ, prior: Optional[MaskGITPrior] = None, autocast: Optional[torch.dtype] = None,
+                 memory_budget: "MemoryBudget | str | int | None" = None):
         if prior is not None:
             pc, mc = prior.config, movq.config
             if pc.grid != mc.grid or pc.codebook_size != mc.codebook_size:
@@ -76,6 +82,8 @@ class ReferenceSampler:
         self.guided_step = GuidedPriorStepGraph(self.prior).eval() if conditional else None
         self.device = next(movq.parameters()).device
         self.autocast = autocast
+        self.memory_budget = MemoryBudget.resolve(memory_budget, "memory_budget")
+        self._batches: Dict[str, int] = {}  # graph -> images per call within the budget (measured when first used)
         self._step_fn = None
         if prior is not None:
             guided = None if self.guided_step is None else prior_step_runner(self.guided_step, self.device, autocast,
@@ -105,23 +113,52 @@ class ReferenceSampler:
             raise ValueError("guidance_scale must be 0: classifier-free guidance needs a class-conditional prior")
         return self._step_fn(tokens, class_labels, uniform, gumbel, temperature, choice_scale, guidance_scale)
 
+    # ---- batches within the memory budget -------------------------------------------------------------------------
+    def batch_size(self, graph: str, asked: Optional[int] = None) -> int:
+        """`asked`, else the images per call of `graph` ("encoder", "decoder" or "prior") that fit the memory budget,
+        measured on its module the first time (at most MOST_PER_CALL)."""
+        if asked is not None:
+            return asked
+        if graph not in self._batches:
+            self._batches[graph] = footprint.batch_size(self._probe(graph), self.memory_budget,
+                                                        f"the reference {graph} ({self.movq.config.image_size}px)",
+                                                        most=MOST_PER_CALL, device=str(self.device))
+        return self._batches[graph]
+
+    def _probe(self, graph: str):
+        """A call of `graph` on `batch` blank images (the worst case: a guided step where the prior can guide)."""
+        size, (h, w, c) = self.movq.config.image_size, self.grid
+        if graph == "encoder":
+            return lambda batch: self.encode(np.zeros((batch, size, size, 3), np.uint8), batch)
+        if graph == "decoder":
+            return lambda batch: self.decode(np.zeros((batch, h, w, c), np.int32), batch)
+        guidance = 1.0 if self.guided_step is not None else 0.0
+        return lambda batch: self.step_fn(
+            np.full((batch, h * w * c), self.mask_id, np.int32),
+            np.zeros(batch, np.int32) if self.num_classes else None,
+            np.full((batch, h * w * c), 0.5, np.float32), np.zeros((batch, h * w * c), np.float32),
+            np.ones(batch, np.float32), np.ones(batch, np.float32), np.full(batch, guidance, np.float32))
+
+    # ---- graphs, numpy in / numpy out ----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def encode(self, images: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
         """uint8 [B,H,W,3] -> int32 [B,h,w,c]."""
         images = np.asarray(images)
         size = self.movq.config.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise ValueError(f"images must be uint8 [B,{size},{size},3], got {images.dtype} {images.shape}")
+        batch_size = self.batch_size("encoder", batch_size)
         with autocast(self.device, self.autocast):
             out = [self.encoder(torch.from_numpy(images[i:i + batch_size]).to(self.device)).cpu().numpy()
                    for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, *self.grid), np.int32)
 
     @torch.no_grad()
-    def decode(self, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def decode(self, indices: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
         """int [B,h,w,c] (or [B,N]) -> uint8 [B,H,W,3]."""
         indices = np.asarray(indices).reshape(-1, *self.grid).astype(np.int32)
         size = self.movq.config.image_size
+        batch_size = self.batch_size("decoder", batch_size)
         with autocast(self.device, self.autocast):
             out = [self.decoder(torch.from_numpy(indices[i:i + batch_size]).to(self.device)).cpu().numpy()
                    for i in range(0, len(indices), batch_size)]
@@ -130,34 +167,36 @@ class ReferenceSampler:
     # ---- sampling and editing ------------------------------------------------------------------------------------
     def sample_tokens(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
                       temperature: float = DEFAULTS.temperature,
-                      choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+                      choice_temperature: float = DEFAULTS.choice_temperature, batch_size: Optional[int] = None,
                       guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """int32 [n, N]: n token grids sampled from scratch; image i uses noise stream (seed, i)."""
         h, w, c = self.grid
         labels = sampling.resolve_class_labels(class_labels, n, self.num_classes)
         return sampling.sample_tokens(self.step_fn, n, h * w * c, self.mask_id, steps, seed, labels, temperature,
-                                      choice_temperature, batch_size, guidance_scale=guidance_scale)
+                                      choice_temperature, self.batch_size("prior", batch_size),
+                                      guidance_scale=guidance_scale)
 
     def sample(self, n: int, steps: int = DEFAULTS.steps, seed: int = 0, class_labels=None,
                temperature: float = DEFAULTS.temperature, choice_temperature: float = DEFAULTS.choice_temperature,
-               batch_size: int = 64, guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
-        """uint8 [n, H, W, 3]."""
+               batch_size: Optional[int] = None, guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
+        """uint8 [n, H, W, 3]. batch_size: images per call of each graph (default: what fits the memory budget)."""
         tokens = self.sample_tokens(n, steps, seed, class_labels, temperature, choice_temperature, batch_size,
                                     guidance_scale)
         return self.decode(tokens, batch_size)
 
     def edit_tokens(self, tokens: np.ndarray, slot_mask: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
                     class_labels=None, temperature: float = DEFAULTS.temperature,
-                    choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+                    choice_temperature: float = DEFAULTS.choice_temperature, batch_size: Optional[int] = None,
                     guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """Regenerates the masked slots of tokens int [B,N] (slot_mask bool [B,N]); int32 [B,N]."""
         labels = sampling.resolve_class_labels(class_labels, len(tokens), self.num_classes)
         return sampling.edit_tokens(self.step_fn, tokens, slot_mask, self.mask_id, steps, seed, labels, temperature,
-                                    choice_temperature, batch_size, guidance_scale=guidance_scale)
+                                    choice_temperature, self.batch_size("prior", batch_size),
+                                    guidance_scale=guidance_scale)
 
     def edit(self, images: np.ndarray, masks: np.ndarray, steps: int = DEFAULTS.steps, seed: int = 0,
              class_labels=None, temperature: float = DEFAULTS.temperature,
-             choice_temperature: float = DEFAULTS.choice_temperature, batch_size: int = 64,
+             choice_temperature: float = DEFAULTS.choice_temperature, batch_size: Optional[int] = None,
              guidance_scale=DEFAULTS.guidance_scale) -> np.ndarray:
         """Inpaints uint8 images [B,H,W,3] where the bool pixel masks [B,H,W] are True; uint8 [B,H,W,3].
 
