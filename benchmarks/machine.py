@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from typing import Optional
 
 import numpy as np
@@ -71,6 +72,13 @@ def load_average() -> Optional[list[float]]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def serving_report(script: str, engine_dir: str, cores: int) -> dict:
+    """What a serving benchmark's report opens with: the engine directory, the CPU and the cores the servers get,
+    the library versions, the command that ran and the load before it."""
+    return {"engine_dir": engine_dir, "cpu": cpu_model(), "cores": cores, "versions": library_versions(),
+            "command": " ".join(["python", script, *sys.argv[1:]]), "load_before": load_average()}
 
 
 def machine_info() -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import cpu_model, library_versions, load_average, usable_cores  # noqa: E402
+from benchmarks.machine import load_average, serving_report, usable_cores  # noqa: E402
 from benchmarks.timing import summarize, time_calls  # noqa: E402
 
 MODES = {"continuous": "(a) continuous batching", "request": "(b) @serve.batch", "none": "(c) one at a time"}
@@ -173,8 +173,7 @@ def run(args) -> dict:
 
     engine_dir = resolve_engine_dir(args.engine_dir, Path(args.out))
     cores = usable_cores()
-    report = {"engine_dir": engine_dir, "cpu": cpu_model(), "cores": cores, "versions": library_versions(),
-              "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]), "load_before": load_average()}
+    report = serving_report("benchmarks/serve_load.py", engine_dir, cores)
     print("library baselines ...", flush=True)
     report["library"] = library_baselines(engine_dir, args.capacity)
     print(json.dumps(report["library"]), flush=True)

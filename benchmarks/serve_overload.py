@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_load import (StandaloneServer, closed_loop, free_port, one, open_loop, run, session,  # noqa: E402
                                   summarize)
-from benchmarks.machine import cpu_model, library_versions, load_average, usable_cores  # noqa: E402
+from benchmarks.machine import load_average, serving_report, usable_cores  # noqa: E402
 
 SERVERS = {"ray": "Ray Serve (proxy + replica)", "no-ray": "one uvicorn process, no Ray (the bound)"}
 
@@ -148,10 +148,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     engine_dir = str(Path(args.engine_dir).resolve())
     cores = usable_cores()
-    report = {"engine_dir": engine_dir, "cpu": cpu_model(), "cores": cores, "versions": library_versions(),
-              "command": " ".join(["python", "benchmarks/serve_overload.py", *sys.argv[1:]]),
+    report = {**serving_report("benchmarks/serve_overload.py", engine_dir, cores),
               "max_queue_wait_s": args.max_queue_wait, "client_timeout_s": args.timeout, "format": args.format,
-              "load_before": load_average(), "servers": {}}
+              "servers": {}}
     for name in args.servers.split(","):
         if name not in SERVERS:
             raise ValueError(f"--servers takes {', '.join(SERVERS)}, got {name!r}")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_load import (StandaloneServer, closed_loop, free_port, one, run, session,  # noqa: E402
                                   summarize)
-from benchmarks.machine import cpu_model, library_versions, load_average, usable_cores  # noqa: E402
+from benchmarks.machine import load_average, serving_report, usable_cores  # noqa: E402
 
 # (part, substrings of a py-spy stack: any of them puts a sample in the part). The first part that matches wins, so
 # the specific ones come first: a PNG encoded under the FastAPI route is PNG, not ingress.
@@ -288,9 +288,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     engine_dir = str(Path(args.engine_dir).resolve())
     cores = usable_cores()
-    report = {"engine_dir": engine_dir, "cpu": cpu_model(), "cores": cores, "versions": library_versions(),
-              "command": " ".join(["python", "benchmarks/serve_profile.py", *sys.argv[1:]]),
-              "load_before": load_average(), "encoding": encoding_costs(engine_dir), "variants": {}}
+    report = {**serving_report("benchmarks/serve_profile.py", engine_dir, cores),
+              "encoding": encoding_costs(engine_dir), "variants": {}}
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise ValueError(f"--variants takes {', '.join(VARIANTS)}, got {name!r}")
