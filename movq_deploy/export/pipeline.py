@@ -216,6 +216,8 @@ def export_engine_dir(
     log(f"memory per image (peak / every tensor): " + ", ".join(
         f"{name} {format_bytes(cost['peak'])} / {format_bytes(cost['allocated'])}"
         for name, cost in memory.per_image.items()) + f"; budget {memory.budget}")
+    for name in specs:  # a budget below one image is refused now, not after minutes of exporting
+        memory.rows(name, "exporting", every_tensor=int8)
     work = make_work_dir(out)
     try:
         precisions = ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8

@@ -178,3 +178,12 @@ def test_an_export_removes_the_work_folder_a_killed_export_left(ckpt, tmp_path, 
     with pytest.raises(ExportError):
         export_engine_dir(ckpt, tmp_path / "engines", log=lambda line: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_below_one_image_is_refused_before_anything_is_written(ckpt, tmp_path):
+    from movq_deploy.memory import MemoryBudgetError
+
+    with pytest.raises(MemoryBudgetError, match=r"exporting \(encoder graph\) needs .* for one item, more than the "
+                                                r"memory budget of 1 KB \(--memory-budget\)"):
+        export_engine_dir(ckpt, tmp_path / "engines", log=lambda line: None, memory_budget="1K")
+    assert list(tmp_path.iterdir()) == []
