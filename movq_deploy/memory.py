@@ -14,6 +14,8 @@ torch-free: the runtime uses it too.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -104,6 +106,17 @@ class MemoryBudget:
 
     def __str__(self) -> str:
         return f"{format_bytes(self.size)} ({self.source})"
+
+
+def release_freed() -> None:
+    """Collects garbage and asks the C allocator (glibc's malloc_trim) to hand back to the system the pages it keeps
+    after big temporaries are freed (an ONNX Runtime session's weights, a calibration's outputs), so that the next
+    stage of a long job starts from what is really held. A no-op where there is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_fits(needed: float, what: str, hint: str = "", available: Optional[int] = None) -> None:

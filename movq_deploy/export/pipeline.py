@@ -17,7 +17,7 @@ import torch
 from movq_deploy import manifest as mf
 from movq_deploy.contract import GUIDED_PRIOR, PRIOR_GRAPHS
 from movq_deploy.manifest import EngineDir, Grid
-from movq_deploy.memory import format_bytes
+from movq_deploy.memory import format_bytes, release_freed
 from movq_deploy.backends.cpu_choice import OPENVINO_INT8
 from movq_deploy.export import openvino_graphs
 from movq_deploy.export.directory import _check_out, _replace_dir, carry_over_engines, make_work_dir
@@ -26,7 +26,7 @@ from movq_deploy.export.memory import GraphMemory
 from movq_deploy.export.onnx_graph import OPSET, export_graph, finalize_graph, tensor_specs
 from movq_deploy.export.precision import convert_fp16, quantize_int8
 from movq_deploy.export.quantize_images import ImageQuantConfig, ImageSets, load_image_sets, quantize_image_graph
-from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, prior_states, top_token_agreement
+from movq_deploy.export.quantize_prior import CALIBRATION_GRIDS, STATES_PER_CALL, prior_states, top_token_agreement
 from movq_deploy.export.specs import GraphSpec, graph_specs, io_shapes, one_line
 from movq_deploy.export.validation import (
     TOLERANCE, VALIDATION_BATCHES, compare_graphs, cpu_session, format_table, summary, validate_fp32,
@@ -72,13 +72,14 @@ def _int8_graph(spec: GraphSpec, work: Path, images: ImageSets, memory: GraphMem
             return onnx.load(str(path)), figures
         calibration = _prior_states(spec, work, images, "calibration", seed=0, memory=memory)
         quantization = quantize_int8(spec, fp32_path, path, Path(scratch), calibration,
-                                     memory.rows(spec.name, "calibrating the int8 prior", every_tensor=True))
+                                     memory.rows(spec.name, "calibrating the int8 prior", every_tensor=True,
+                                                 most=STATES_PER_CALL))
     agreement = compare_graphs(spec, fp32_path, path)
     if len(images.held_out):
         held_out = _prior_states(spec, work, images, "held_out", seed=1, memory=memory)
         agreement["held_out_top_token_agreement"] = top_token_agreement(
             cpu_session(fp32_path), cpu_session(path), held_out, spec.module.step.prior.config.mask_id,
-            memory.rows(spec.name, "comparing the int8 prior with fp32"))
+            memory.rows(spec.name, "comparing the int8 prior with fp32", most=STATES_PER_CALL))
     return onnx.load(str(path)), {**agreement, **quantization}
 
 
@@ -110,6 +111,8 @@ def write_graphs(specs: "dict[str, GraphSpec]", work: Path, precisions: "list[st
                 inputs=tensor_specs(model.graph.input), outputs=tensor_specs(model.graph.output))
             log(f"{name:8s} {precision}  {len(model.graph.node):5d} nodes  {time.perf_counter() - tick:6.1f} s  "
                 f"{compared}: {summary(figures)}")
+            del model
+            release_freed()  # the sessions and calibration outputs of this graph, before the next one
     for name in specs:  # what one image costs in each graph: the runtime's CPU choice and batch sizes read it
         graphs["fp32"][name]["flops_per_image"] = flops_per_image(specs[name])
         graphs["fp32"][name]["memory_per_image"] = memory.per_image[name]
@@ -142,6 +145,7 @@ def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log:
         figures = openvino_graphs.bf16_validation(spec, work, images, states(spec, "held_out", seed=1), memory)
         validation.setdefault("bf16", {})[name] = figures
         log(f"{name:8s} bf16   OpenVINO, {time.perf_counter() - tick:6.1f} s  vs fp32: {summary(figures)}")
+        release_freed()
     why_not = openvino_graphs.int8_unavailable() if int8 else "--int8 not given"
     if int8 and why_not:
         log(f"no OpenVINO int8 graphs: {why_not}")
@@ -156,6 +160,7 @@ def _openvino_graphs(specs: "dict[str, GraphSpec]", work: Path, int8: bool, log:
             work, xml, weights=mf.file_entry(work, weights), format="openvino-ir",
             inputs=graphs["fp32"][name]["inputs"], outputs=graphs["fp32"][name]["outputs"])
         log(f"{name:8s} int8   OpenVINO (NNCF), {time.perf_counter() - tick:6.1f} s  vs fp32: {summary(figures)}")
+        release_freed()
 
 
 def paper_steps(conditional: bool) -> int:
@@ -206,6 +211,7 @@ def export_engine_dir(
     out, ckpt_path = Path(out), Path(ckpt_path)
     _check_out(out)
     movq, prior, ckpt = load_exportable(ckpt_path)
+    ckpt = {key: value for key, value in ckpt.items() if key not in ("tokenizer", "prior")}  # weights: in the models
     if guidance_scale and not prior.config.conditional:
         raise ValueError(f"--guidance-scale {guidance_scale:g} needs a class-conditional prior; {ckpt_path.name}'s "
                          f"is unconditional (leave the default 0)")

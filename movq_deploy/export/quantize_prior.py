@@ -30,6 +30,9 @@ CALIBRATION_STEPS = 12  # mask ratios cos(pi/2 * t/12), t = 0..11: the paper's l
 # crops (BENCHMARKS.md), and at paper size each state costs a fp32 step.
 CALIBRATION_GRIDS = 16
 GUIDANCE_SCALES = (0.0, 1.0, 3.0)
+# The most prior-step states per call while calibrating or comparing (fewer where the memory budget says so): past
+# that a call runs no faster per row, and each ONNX Runtime session's memory arena keeps the largest call's size
+STATES_PER_CALL = 16
 NULL_CLASS_SHARE = 0.2
 
 
