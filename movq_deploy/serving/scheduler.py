@@ -45,6 +45,11 @@ REFUSAL_REASONS = ("overload", "deadline", "bad_request")  # the reasons a reque
 SMOOTHING = 0.1  # weight of the newest engine call in the averaged costs: about the last 10 calls count
 
 
+# Once a new image would wait past max_queue_wait_s, the early refusal refuses everything for at least this share of
+# it (Scheduler.refusal): the queue drains by that much, and the excess is refused at the cheapest point meanwhile.
+SHED_SHARE = 0.1
+
+
 class Overloaded(RuntimeError):
     """Refused at once; the same request would be refused for about `retry_after_s` more seconds, the queue's own
     estimate (HTTP 503 with Retry-After, whole seconds, at least 1). `reason`: "overload" (the queue holds as many
@@ -171,6 +176,7 @@ class Scheduler:
         self._prior_step = generator.prior_step_fn()
         self._waiting: Deque[_Request] = collections.deque()
         self._queued_images = 0  # images of waiting requests not admitted yet
+        self._refusing_until = 0.0  # time.monotonic() before which refusal() refuses every new request
         self._queued_steps = 0  # their steps, summed
         self._active: List[_Image] = []
         self._finished: Deque[_Image] = collections.deque()
@@ -235,9 +241,26 @@ class Scheduler:
 
     def refusal(self) -> Optional[Overloaded]:
         """The refusal a request of one image would get now (counted as a refusal), or None: while it is not None
-        every request would be refused, so a server may answer new requests with it before reading them."""
+        every request would be refused, so a server may answer new requests with it before reading them.
+
+        Once the queue has passed its deadline, it refuses every new request for at least SHED_SHARE of
+        max_queue_wait_s (its retry_after_s says how long): a queue held right at its limit would otherwise refuse
+        for a few milliseconds at a time, and most of the excess would take the full path to a deadline refusal
+        (under Ray Serve the proxy, the router and the replica: ~10x a refusal the proxy makes alone,
+        BENCHMARKS.md). The engine does not idle meanwhile: the queue still holds most of max_queue_wait_s of work.
+        """
         with self._wake:
-            return self._refusal(1, self.generator.default_steps, None)
+            now = time.monotonic()
+            if now < self._refusing_until:
+                self._stats["refused_deadline"] += 1
+                self.metrics.refused("deadline")
+                return Overloaded("overloaded: the queue is draining to its deadline; retry later", "deadline",
+                                  retry_after_s=self._refusing_until - now)
+            refused = self._refusal(1, self.generator.default_steps, None)
+            if refused is not None and refused.reason == "deadline" and self.config.max_queue_wait_s:
+                refused.retry_after_s = max(refused.retry_after_s, SHED_SHARE * self.config.max_queue_wait_s)
+                self._refusing_until = now + refused.retry_after_s
+            return refused
 
     def _refusal(self, n: int, steps: int, timeout_s: Optional[float]) -> Optional[Overloaded]:
         """Overloaded (counted) unless a request of n images of `steps` steps can join the queue now (lock held)."""

@@ -273,3 +273,38 @@ def test_the_step_cost_is_kept_per_batch_size_and_interpolated():
     assert costs.step_seconds(1) == 0.001  # other sizes keep theirs
     costs.record_decode(images=16, seconds=0.032)
     assert costs.seconds_per_image(steps=8, capacity=64) == pytest.approx(8 * costs.step_seconds(64) / 64 + 0.002)
+
+
+def test_the_early_refusal_holds_while_the_queue_drains(tiny_generator, monkeypatch):
+    """Past its deadline the queue refuses every new request for at least a tenth of max_queue_wait_s, even when its
+    estimate falls back under the limit at once; then it admits again."""
+    from movq_deploy.serving import scheduler as scheduler_module
+
+    clock = [100.0]
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: clock[0])
+    scheduler = Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=64, max_request_images=8,
+                                                          max_queue_wait_s=2.0))
+    scheduler.costs.record_step(rows=2, seconds=1.0)
+    scheduler.costs.record_decode(images=1, seconds=0.0)
+    for _ in range(3):  # waits 0, 0 and 1 s: the next image would wait 2.0 s, just at the limit
+        scheduler.submit_sample(n=1, steps=2)
+    assert scheduler.refusal() is None
+    scheduler.submit_sample(n=1, steps=2)  # now 3.0 s for the next: refused, for 1 s by the estimate
+    refused = scheduler.refusal()
+    assert refused is not None and refused.retry_after_s == pytest.approx(1.0)
+    for _ in range(50):  # the averaged estimate drops far under the limit ...
+        scheduler.costs.record_step(rows=2, seconds=0.01)
+    clock[0] += 0.5
+    held = scheduler.refusal()  # ... but the refusal holds for the rest of its window
+    assert held is not None and held.retry_after_s == pytest.approx(0.5) and "draining" in str(held)
+    clock[0] += 0.6
+    assert scheduler.refusal() is None
+    # At the limit by a hair, the window is a tenth of max_queue_wait_s, not the hair
+    just_over = Scheduler(tiny_generator, SchedulerConfig(capacity=2, max_queued_images=64, max_request_images=8,
+                                                          max_queue_wait_s=2.0))
+    just_over.costs.record_step(rows=2, seconds=1.0)
+    just_over.costs.record_decode(images=1, seconds=0.0)
+    for _ in range(3):
+        just_over.submit_sample(n=1, steps=2)
+    just_over.costs.record_step(rows=2, seconds=1.01)  # the next image would wait a little over 2 s
+    assert just_over.refusal().retry_after_s == pytest.approx(0.2)
