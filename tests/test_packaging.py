@@ -1,6 +1,7 @@
 """The wheel as a user installs it: built with `python -m build`, installed with only the `cpu` extra into a fresh
 virtual environment, `movq-deploy info` and `movq-deploy sample` on an engine directory; torch is neither installed
 nor imported. Needs the package index (PyPI) for the wheel's dependencies, as CI has."""
+import shutil
 import subprocess
 import sys
 import venv
@@ -20,8 +21,12 @@ def _run(argv, **kwargs):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("build", reason="the build package is not installed (pip install 'movq-deploy[dev]')")
+    # from a copy of the sources: setuptools builds in the project's own build/, which the checkout keeps clean of
+    source = tmp_path_factory.mktemp("source") / "movq-deploy"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache"))
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(ROOT)])
+    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(source)])
     (found,) = out.glob("movq_deploy-*.whl")
     return found
 
