@@ -38,7 +38,6 @@ from movq_deploy.backends import cpu_features
 from movq_deploy.backends.base import BaseRunner, TensorSpec
 from movq_deploy.backends.cpu_choice import OPENVINO_INT8
 from movq_deploy.contract import PRIOR_GRAPHS
-from movq_deploy.memory import release_freed
 
 logger = logging.getLogger("movq_deploy")
 
@@ -265,8 +264,6 @@ class OpenVinoRunner(BaseRunner):
         self._parts = [_Part(core.compile_model(part, "CPU", _config(hint, threads, cache_dir)), known)
                        for hint, part in zip(hints, models)]
         self.part_precisions = hints  # what each compiled part runs in, in order (for people and tests)
-        del model, models
-        release_freed()  # the fp32 graph read from disk, freed once compiled (1.2 GB for the paper prior)
 
     def run_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         parts = self._parts
