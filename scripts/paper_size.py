@@ -221,10 +221,14 @@ def _edit_inputs(out: Path) -> "tuple[Path, Path]":
     """A sample to edit (the n=1 sample of the first path that made one) and a mask of its centre box."""
     from PIL import Image
 
-    image = next((p for p in sorted(out.glob("sample-*-n1.png"))), None)
-    if image is None:
+    grid = next((p for p in sorted(out.glob("sample-*-n1.png"))), None)
+    if grid is None:
         raise FileNotFoundError("no sample-*-n1.png to edit: run a sample stage first")
-    size = Image.open(image).size[0]
+    # the sample inside its one-image grid's border (make_grid's padding)
+    size = json.loads((out / "engines" / "manifest.json").read_text())["image_size"]
+    pad = (Image.open(grid).size[0] - size) // 2
+    image = out / "edit_input.png"
+    Image.open(grid).crop((pad, pad, pad + size, pad + size)).save(image)
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     mask_path = out / "edit_mask.png"
