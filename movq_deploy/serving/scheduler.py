@@ -252,10 +252,8 @@ class Scheduler:
         with self._wake:
             now = time.monotonic()
             if now < self._refusing_until:
-                self._stats["refused_deadline"] += 1
-                self.metrics.refused("deadline")
-                return Overloaded("overloaded: the queue is draining to its deadline; retry later", "deadline",
-                                  retry_after_s=self._refusing_until - now)
+                return self._refused("deadline", "overloaded: the queue is draining to its deadline; retry later",
+                                     self._refusing_until - now)
             refused = self._refusal(1, self.generator.default_steps, None)
             if refused is not None and refused.reason == "deadline" and self.config.max_queue_wait_s:
                 refused.retry_after_s = max(refused.retry_after_s, SHED_SHARE * self.config.max_queue_wait_s)
@@ -285,8 +283,10 @@ class Scheduler:
                 message = (f"overloaded: the estimated wait of {wait:.1f} s and service of {service:.1f} s exceed "
                            f"this request's timeout of {timeout_s:g} s; retry later")
                 retry_after = wait + service - timeout_s
-        if reason is None:
-            return None
+        return None if reason is None else self._refused(reason, message, retry_after)
+
+    def _refused(self, reason: str, message: str, retry_after: float) -> Overloaded:
+        """The refusal, counted in the stats and the metrics (lock held)."""
         self._stats[f"refused_{reason}"] += 1
         self.metrics.refused(reason)
         return Overloaded(message, reason, retry_after_s=max(0.0, retry_after))
