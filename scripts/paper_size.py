@@ -226,9 +226,10 @@ def _edit_inputs(out: Path) -> "tuple[Path, Path]":
         raise FileNotFoundError("no sample-*-n1.png to edit: run a sample stage first")
     # the sample inside its one-image grid's border (make_grid's padding)
     size = json.loads((out / "engines" / "manifest.json").read_text())["image_size"]
-    pad = (Image.open(grid).size[0] - size) // 2
+    sample = Image.open(grid)
+    pad = (sample.size[0] - size) // 2
     image = out / "edit_input.png"
-    Image.open(grid).crop((pad, pad, pad + size, pad + size)).save(image)
+    sample.crop((pad, pad, pad + size, pad + size)).save(image)
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     mask_path = out / "edit_mask.png"
