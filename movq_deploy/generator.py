@@ -7,6 +7,7 @@ keep no state on the Generator, so one Generator may serve several threads at on
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, List, Optional, Union
@@ -16,6 +17,7 @@ from PIL import Image
 
 from movq_deploy import contract, sampling
 from movq_deploy.backends import open_runners
+from movq_deploy.backends.deferred import DeferredRunner
 from movq_deploy.images import (
     ImagesLike, check_output_type, paste_outside_mask, to_bool_masks, to_output, to_uint8_images,
 )
@@ -55,6 +57,8 @@ class Generator:
     is a setting of the whole process, taken once: every Generator of the process asking for it must use the same
     `threads`. Both are ignored on TensorRT. cache_dir: where OpenVINO caches its compiled models (default:
     `<engine dir>.openvino-cache` beside the engine directory), so that the next start does not compile again.
+    On the CPU the encoder and the guided prior open on their first call (edit, encode, reconstruct; guidance):
+    a plain `sample` never holds them. Their files are verified here all the same; `warm_up()` opens them now.
     `with Generator(dir) as gen:` frees the engines' memory at the end of the block (or call `close()`).
     """
 
@@ -82,7 +86,11 @@ class Generator:
         runners = self.backend.runners
         for name in self.engine_dir.graph_names:  # a graph from another export or another version is refused here
             expected = contract.graph_io(name, self.image_size, self.grid, conditional=self.num_classes > 0)
-            contract.check_runner(runners[name], expected, str(self.engine_dir.path))
+            check = functools.partial(contract.check_runner, expected=expected, where=str(self.engine_dir.path))
+            if isinstance(runners[name], DeferredRunner):
+                runners[name].when_opened(check)  # or at its first call, when it opens
+            else:
+                check(runners[name])
         self._encoder, self._decoder, self._prior = runners["encoder"], runners["decoder"], runners["prior"]
         self._prior_guided = runners.get(contract.GUIDED_PRIOR)  # None: no classifier-free guidance
 
@@ -148,6 +156,14 @@ class Generator:
             close = getattr(runner, "close", None)
             if close is not None:
                 close()
+
+    def warm_up(self) -> "Generator":
+        """Opens now the graphs that otherwise open on their first call (on the CPU the encoder and the guided prior:
+        movq_deploy.backends.deferred), so that no later call waits for their compilation; returns self."""
+        for runner in self.backend.runners.values():
+            if isinstance(runner, DeferredRunner):
+                runner.open()
+        return self
 
     def __enter__(self) -> "Generator":
         return self

@@ -1,6 +1,7 @@
 """The inference backends, and the choice between them.
 
     base.py         the Runner protocol, TensorSpec, and the input checks every runner's `run` makes first
+    deferred.py     a runner opened by its first call (the CPU's encoder and guided prior)
     onnxruntime.py  ONNX Runtime runners (CPU provider; CUDA provider where onnxruntime-gpu works)
     openvino.py     OpenVINO runners (CPU: fp32, bf16 with fp32 ends, int8)
     cpu_choice.py   which CPU path runs each graph, and why; cpu_features.py: what the CPU computes natively
@@ -16,14 +17,16 @@ instead. The sampling loop (movq_deploy.sampling) is written once, above the run
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from movq_deploy.backends import cpu_choice
 from movq_deploy.backends.base import GPU_INSTALL, Runner, TensorSpec, optional_import
 from movq_deploy.backends.cpu_choice import OPENVINO_INSTALL, ORT_CPU, Placement
+from movq_deploy.backends.deferred import ON_FIRST_USE, DeferredRunner
 from movq_deploy.manifest import EngineDir
 
 __all__ = ["BACKENDS", "PRECISIONS", "Backend", "Placement", "Runner", "TensorSpec", "open_runners"]
@@ -102,18 +105,32 @@ def open_runners(engine_dir: EngineDir, backend: str = "auto", precision: str = 
 
 def _open_cpu(engine_dir: EngineDir, placement: Dict[str, Placement], reason: str, threads: Optional[int],
               shared_pool: bool, cache_dir) -> Backend:
-    """The CPU runners of a placement: each graph on ONNX Runtime or OpenVINO at its precision."""
+    """The CPU runners of a placement: each graph on ONNX Runtime or OpenVINO at its precision; the graphs only some
+    calls use (deferred.ON_FIRST_USE) verified now and opened by their first call."""
     runners: Dict[str, Runner] = {}
     for (backend, precision), graphs in _grouped(placement).items():
         if backend == ORT_CPU:
             module = optional_import("movq_deploy.backends.onnxruntime", "onnxruntime", _ORT_INSTALL)
             entries = {graph: engine_dir.graph_entries(precision)[graph] for graph in graphs}
-            runners.update(module.open_onnxruntime_runners(engine_dir, entries, "cpu", threads, shared_pool))
+
+            def open_graphs(chosen: Dict[str, dict], module=module) -> Dict[str, Runner]:
+                return module.open_onnxruntime_runners(engine_dir, chosen, "cpu", threads, shared_pool)
         else:
             module = optional_import("movq_deploy.backends.openvino", "openvino", OPENVINO_INSTALL)
-            runners.update(module.open_openvino_runners(engine_dir, graphs, precision, threads, cache_dir))
+            entries = module.openvino_entries(engine_dir, graphs, precision)
+
+            def open_graphs(chosen: Dict[str, dict], module=module, precision=precision) -> Dict[str, Runner]:
+                return module.open_openvino_runners(engine_dir, chosen, precision, threads, cache_dir)
+        runners.update(open_graphs({g: e for g, e in entries.items() if g not in ON_FIRST_USE}))
+        for graph in entries.keys() & set(ON_FIRST_USE):
+            engine_dir.verify(entries[graph])  # a missing or altered file is refused now, not at its first call
+            runners[graph] = DeferredRunner(graph, functools.partial(_open_one, open_graphs, graph, entries[graph]))
     name, precision = cpu_choice.describe(placement)
     return Backend(name, reason, precision, {graph: runners[graph] for graph in placement}, placement)
+
+
+def _open_one(open_graphs: Callable[[Dict[str, dict]], Dict[str, Runner]], graph: str, entry: dict) -> Runner:
+    return open_graphs({graph: entry})[graph]
 
 
 def _grouped(placement: Dict[str, Placement]) -> Dict[Tuple[str, str], List[str]]:

@@ -299,16 +299,22 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), _OV_DTYPES.get(dtype, dtype), shape)
 
 
-def open_openvino_runners(engine_dir, graphs: Iterable[str], precision: str, threads: Optional[int] = None,
-                          cache_dir: "str | os.PathLike[str] | None" = None) -> Dict[str, OpenVinoRunner]:
-    """{graph name: runner} of `graphs` at `precision`: fp32 and bf16 compile the fp32 ONNX graphs, int8 the
-    directory's OpenVINO int8 graphs (OpenVINO IR written by the export with NNCF); each file verified first."""
-    cache_dir = default_cache_dir(engine_dir.path) if cache_dir is None else cache_dir
+def openvino_entries(engine_dir, graphs: Iterable[str], precision: str) -> Dict[str, dict]:
+    """{graph name: manifest entry} of the files OpenVINO compiles for `graphs` at `precision`: the fp32 ONNX graphs
+    for fp32 and bf16, the directory's OpenVINO int8 graphs (OpenVINO IR written by the export with NNCF) for int8."""
     files = OPENVINO_INT8 if precision == "int8" else "fp32"
-    runners = {}
+    entries = {}
     for name in graphs:
-        entry = engine_dir.graph(files, name)
-        if entry is None:
+        entries[name] = engine_dir.graph(files, name)
+        if entries[name] is None:
             raise FileNotFoundError(f"{engine_dir.manifest_path} lists no {files} {name} graph")
-        runners[name] = OpenVinoRunner(engine_dir.verify(entry), name, precision, threads, cache_dir)
-    return runners
+    return entries
+
+
+def open_openvino_runners(engine_dir, entries: Dict[str, dict], precision: str, threads: Optional[int] = None,
+                          cache_dir: "str | os.PathLike[str] | None" = None) -> Dict[str, OpenVinoRunner]:
+    """{graph name: runner} of the manifest entries {graph name: entry} (`openvino_entries`) at `precision`, each
+    file verified first."""
+    cache_dir = default_cache_dir(engine_dir.path) if cache_dir is None else cache_dir
+    return {name: OpenVinoRunner(engine_dir.verify(entry), name, precision, threads, cache_dir)
+            for name, entry in entries.items()}

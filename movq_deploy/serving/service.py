@@ -101,6 +101,7 @@ class ImageService:
         self.metrics = metrics or EngineMetrics()
         self.generator = Generator(config.engine_dir, backend=config.backend, precision=config.precision,
                                    threads=config.threads, shared_pool=config.shared_pool)
+        self.generator.warm_up()  # every graph open before the first request: none waits for a compilation
         self.scheduler: Optional[Scheduler] = None
         self._held_images = 0  # images accepted and not answered yet ("request" and "none" modes)
         self._lock = asyncio.Lock()  # "none" mode, and edits in "request" mode: one engine call sequence at a time
