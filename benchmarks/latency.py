@@ -12,8 +12,10 @@ int8; "auto", the Generator's default choice; TensorRT and ONNX Runtime CUDA on 
 eager and torch.compile in fp32 and bf16 autocast (fp16 on CUDA), and OpenVINO called directly on the fp32 graphs
 in bf16 with no package runtime around it. At each batch size: one prior step, decode, encode, and a whole sample
 (all steps + decode: `Generator.sample` for the package, the reference sampler for eager, the same loop around the
-graphs for torch.compile and OpenVINO direct). Each is warmed up, then repeated until a time budget; the candidates
-take turns on each stage and batch, so a ratio compares timings taken minutes apart at most.
+graphs for torch.compile and OpenVINO direct). Each is warmed up, then repeated until a time budget. One
+candidate at a time runs all its stages and batches, and its runners are closed before the next: an engine keeps
+its largest call's buffers (ONNX Runtime's arena, OpenVINO's requests), and at paper size every path's batch-16
+decode held at once passed 24 GB and the run was killed.
 
 Against the physical limit: dense FLOPs of each stage over its p50, as a fraction of this machine's GEMM rate at
 the stage's precision (fp32, bf16, int8), measured in the same run. The loop's own overhead: the share of a
@@ -136,6 +138,11 @@ class Candidate:
         self.device, self.kind, self.placement = device, kind, placement
         self.compute = compute or {stage: precision for stage in STAGES}
 
+    def close(self) -> None:
+        """Frees what its runners hold (a PyTorch peer's modules stay: the other peers share them)."""
+        for runner in self.runners.values():
+            getattr(runner, "close", lambda: None)()
+
     @property
     def is_generator(self) -> bool:
         return self.kind == "package"
@@ -241,40 +248,40 @@ def rate_of(gemm: dict, device: str, compute: str) -> float:
 
 
 def run_benchmark(args, candidates, engines, flops, gemm, threads: int, model: str) -> list:
-    """Times every candidate's stages, in turns on each stage and batch size; the GEMM rates are measured again
-    before each batch size and the best reading is the machine's rate (a single reading can catch a busy moment)."""
+    """Times every candidate's stages, one candidate at a time, then closes it; the GEMM rates are measured again
+    before each candidate and the best reading is the machine's rate (a single reading can catch a busy moment)."""
     rows = []
-    for batch in args.batch_sizes:
+    for candidate in candidates:
         measure_gemm(gemm, threads, budget_s=0.4)
-        for stage in STAGES:
-            for candidate in candidates:
-                if candidate.precision == "int8" and candidate.backend == "onnxruntime-cpu" and \
-                        stage in ("decode", "encode") and engines.graph("int8", graph_of(stage)) is None:
-                    continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
-                row = {"model": model, "backend": candidate.backend, "precision": candidate.precision,
-                       "device": candidate.device, "stage": stage, "batch": batch,
-                       "compute": candidate.compute[stage]}
-                stage_flops_total = flops["per_image"][stage] * batch
-                predicted_s = stage_flops_total / (rate_of(gemm, candidate.device, row["compute"]) * 1e9
-                                                   * PREDICTION_EFFICIENCY)
-                if predicted_s > args.max_call_s:
-                    row["skipped"] = f"predicted {predicted_s:.0f} s per call > --max-call-s {args.max_call_s:g}"
-                    rows.append(row)
-                    continue
-                start = time.perf_counter()
-                try:
-                    row.update(time_stage(candidate, stage, batch, engines, args.budget_s, predicted_s))
-                except Exception as error:  # one failing backend must not hide the others' numbers
-                    row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    rows.append(row)
-                    continue
-                elapsed = time.perf_counter() - start
-                # Warm-up (first-call allocation, torch.compile's compilation): the time not in the timed calls.
-                row["warmup_s"] = max(0.0, elapsed - row["mean_ms"] * row["repeats"] / 1e3)
-                row["flops"] = stage_flops_total
+        for batch, stage in ((batch, stage) for batch in args.batch_sizes for stage in STAGES):
+            if candidate.precision == "int8" and candidate.backend == "onnxruntime-cpu" and \
+                    stage in ("decode", "encode") and engines.graph("int8", graph_of(stage)) is None:
+                continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
+            row = {"model": model, "backend": candidate.backend, "precision": candidate.precision,
+                   "device": candidate.device, "stage": stage, "batch": batch,
+                   "compute": candidate.compute[stage]}
+            stage_flops_total = flops["per_image"][stage] * batch
+            predicted_s = stage_flops_total / (rate_of(gemm, candidate.device, row["compute"]) * 1e9
+                                               * PREDICTION_EFFICIENCY)
+            if predicted_s > args.max_call_s:
+                row["skipped"] = f"predicted {predicted_s:.0f} s per call > --max-call-s {args.max_call_s:g}"
                 rows.append(row)
-                print(f"  {model:10s} {candidate.backend:17s} {candidate.precision:9s} {stage:10s} batch {batch:3d}: "
-                      f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)", flush=True)
+                continue
+            start = time.perf_counter()
+            try:
+                row.update(time_stage(candidate, stage, batch, engines, args.budget_s, predicted_s))
+            except Exception as error:  # one failing backend must not hide the others' numbers
+                row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                rows.append(row)
+                continue
+            elapsed = time.perf_counter() - start
+            # Warm-up (first-call allocation, torch.compile's compilation): the time not in the timed calls.
+            row["warmup_s"] = max(0.0, elapsed - row["mean_ms"] * row["repeats"] / 1e3)
+            row["flops"] = stage_flops_total
+            rows.append(row)
+            print(f"  {model:10s} {candidate.backend:17s} {candidate.precision:9s} {stage:10s} batch {batch:3d}: "
+                  f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)", flush=True)
+        candidate.close()
     measure_gemm(gemm, threads, budget_s=0.4)
     for row in rows:
         if "p50_ms" in row:
@@ -366,10 +373,10 @@ def measure_model(args, config: Optional[str], workdir: Path, gemm: dict, machin
     threads = machine["threads"]
     candidates += peer_candidates(movq, prior, engines, args.steps, args.compile, threads)
     flops = stage_flops(next(c for c in candidates if c.backend == EAGER), prior.config, engines, args.steps)
-    rows = run_benchmark(args, candidates, engines, flops, gemm, threads, model)
     n = min(16, max(args.batch_sizes))
     tokens = Generator(engines, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
-    agreements = top_token_agreements(candidates, engines, tokens)
+    agreements = top_token_agreements(candidates, engines, tokens)  # before run_benchmark closes the candidates
+    rows = run_benchmark(args, candidates, engines, flops, gemm, threads, model)
     for row in rows:
         row["top_token_agreement"] = agreements.get(f"{row['backend']} {row['precision']}")
     placement = next((c.placement for c in candidates if c.backend == "auto"), "")

@@ -30,6 +30,10 @@ class DirectRunner:
         results = self.request.infer(feeds)
         return {name: results[port] for name, port in zip(self.names, self.compiled.outputs)}
 
+    def close(self) -> None:
+        """Drops the compiled model and its request (their memory goes with them)."""
+        self.compiled = self.request = None
+
 
 def direct_runners(engine_dir, threads: int, hint: str = "bf16") -> Dict[str, DirectRunner]:
     """{"encoder", "decoder", "prior"}: the fp32 graphs of `engine_dir` (a movq_deploy.manifest.EngineDir)."""
