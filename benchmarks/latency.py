@@ -27,6 +27,7 @@ Writes latency.json (results, machine, library versions), latency.md (the tables
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import shlex
@@ -39,10 +40,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from movq_deploy.backends.base import Runner
 from movq_deploy.export.flops import counted_flops
 from movq_deploy.files import atomic_write_text
 from movq_deploy.generator import Generator
 from movq_deploy.manifest import EngineDir
+from movq_deploy.memory import release_freed
 from movq_deploy.models.reference import ReferenceSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks` importable
@@ -149,8 +152,8 @@ class Candidate:
 
 
 def runtime_candidates(engines: EngineDir, steps: int, max_batch: int, skipped: list) -> list:
-    """A Generator for every backend/precision pair the engine directory holds and this machine can open, and the
-    Generator's default choice ("auto")."""
+    """Makers (called at the candidate's turn: `make() -> Candidate`, or None with the reason in `skipped`) of a
+    Generator for every backend/precision pair the engine directory holds, and the Generator's default ("auto")."""
     pairs = [("tensorrt", p) for p in PRECISION_ORDER if p in engines.engines]
     pairs += [("onnxruntime-cuda", p) for p in ("fp32", "fp16", "int8") if p in engines.graphs]
     pairs += [("onnxruntime-cpu", p) for p in ("fp32", "int8") if p in engines.graphs]
@@ -158,30 +161,33 @@ def runtime_candidates(engines: EngineDir, steps: int, max_batch: int, skipped: 
         pairs += [("openvino", "fp32"), ("openvino", "bf16")] + [("openvino", "int8")] * ("int8-openvino" in
                                                                                          engines.graphs)
     pairs.append(("auto", "auto"))
-    candidates = []
-    for backend, precision in pairs:
-        try:
-            generator = Generator(engines, backend=backend, precision=precision, batch_size=max_batch)
-        except (RuntimeError, ValueError, FileNotFoundError, ImportError) as error:
-            skipped.append({"backend": backend, "precision": precision, "reason": str(error).splitlines()[0]})
-            continue
+    return [functools.partial(package_candidate, engines, backend, precision, steps, max_batch, skipped)
+            for backend, precision in pairs]
 
-        def sample(n, generator=generator):
-            return generator.sample(n=n, steps=steps, seed=0, output_type="np")
 
-        device = "cpu" if generator.placement else "cuda"  # the CPU paths say where each graph runs
-        compute = {stage: generator.placement[graph_of(stage)].precision for stage in STAGES[:3]} \
-            if generator.placement else None
-        if compute:
-            compute["sample"] = compute["prior_step"]
-        candidates.append(Candidate(backend, precision if backend != "auto" else generator.precision,
-                                    generator.backend.runners, sample, device, "package", compute,
-                                    placement=generator.backend_reason if backend == "auto" else ""))
-    return candidates
+def package_candidate(engines: EngineDir, backend: str, precision: str, steps: int, max_batch: int,
+                      skipped: list) -> Optional[Candidate]:
+    try:
+        generator = Generator(engines, backend=backend, precision=precision, batch_size=max_batch)
+    except (RuntimeError, ValueError, FileNotFoundError, ImportError) as error:
+        skipped.append({"backend": backend, "precision": precision, "reason": str(error).splitlines()[0]})
+        return None
+
+    def sample(n):
+        return generator.sample(n=n, steps=steps, seed=0, output_type="np")
+
+    device = "cpu" if generator.placement else "cuda"  # the CPU paths say where each graph runs
+    compute = {stage: generator.placement[graph_of(stage)].precision for stage in STAGES[:3]} \
+        if generator.placement else None
+    if compute:
+        compute["sample"] = compute["prior_step"]
+    return Candidate(backend, precision if backend != "auto" else generator.precision, generator.backend.runners,
+                     sample, device, "package", compute,
+                     placement=generator.backend_reason if backend == "auto" else "")
 
 
 def peer_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: bool, threads: int) -> list:
-    """The peers: PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop
+    """Makers of the peers (as runtime_candidates'): PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop
     as the Generator around the compiled graphs), fp32 and bf16 autocast (fp16 autocast on CUDA), and OpenVINO
     called directly on the fp32 graphs in bf16 (CPU, where openvino is installed)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,14 +204,18 @@ def peer_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: b
             else:
                 def sample(n, runners=peer.runners):
                     return loop_sample(runners, grid, mask_id, num_classes, n, steps)
-            candidates.append(Candidate(peer.name, precision, peer.runners, sample, device))
+            candidate = Candidate(peer.name, precision, peer.runners, sample, device)
+            candidates.append(lambda candidate=candidate: candidate)
     if device == "cpu" and importlib.util.find_spec("openvino") is not None:
-        runners = direct_runners(engines, threads)
+        def openvino_direct() -> Candidate:
+            runners = direct_runners(engines, threads)
 
-        def sample(n, runners=runners):
-            return loop_sample(runners, grid, mask_id, num_classes, n, steps)
+            def sample(n):
+                return loop_sample(runners, grid, mask_id, num_classes, n, steps)
 
-        candidates.append(Candidate(OPENVINO_DIRECT, "bf16", runners, sample, "cpu"))
+            return Candidate(OPENVINO_DIRECT, "bf16", runners, sample, "cpu")
+
+        candidates.append(openvino_direct)
     return candidates
 
 
@@ -247,11 +257,19 @@ def rate_of(gemm: dict, device: str, compute: str) -> float:
     return gemm.get(RATE_KEYS.get(compute, "cpu_fp32_gflops")) or gemm["cpu_fp32_gflops"]
 
 
-def run_benchmark(args, candidates, engines, flops, gemm, threads: int, model: str) -> list:
-    """Times every candidate's stages, one candidate at a time, then closes it; the GEMM rates are measured again
-    before each candidate and the best reading is the machine's rate (a single reading can catch a busy moment)."""
-    rows = []
-    for candidate in candidates:
+def run_benchmark(args, makers, engines, flops, gemm, threads: int, model: str,
+                  agreement: Callable[[Candidate], float]) -> "tuple[list, dict, str]":
+    """Times every candidate's stages, one candidate at a time: opened at its turn (`makers`), its prior's
+    `agreement` taken, then its stages, then closed. The GEMM rates are measured again before each candidate and
+    the best reading is the machine's rate (a single reading can catch a busy moment). Returns the rows, the
+    agreements and auto's placement."""
+    rows, agreements, placement = [], {}, ""
+    for make in makers:
+        candidate = make()
+        if candidate is None:
+            continue
+        agreements[f"{candidate.backend} {candidate.precision}"] = agreement(candidate)
+        placement = candidate.placement or placement
         measure_gemm(gemm, threads, budget_s=0.4)
         for batch, stage in ((batch, stage) for batch in args.batch_sizes for stage in STAGES):
             if candidate.precision == "int8" and candidate.backend == "onnxruntime-cpu" and \
@@ -282,13 +300,14 @@ def run_benchmark(args, candidates, engines, flops, gemm, threads: int, model: s
             print(f"  {model:10s} {candidate.backend:17s} {candidate.precision:9s} {stage:10s} batch {batch:3d}: "
                   f"p50 {row['p50_ms']:9.2f} ms ({row['repeats']} calls, {elapsed:.1f} s)", flush=True)
         candidate.close()
+        release_freed()  # its buffers back to the system before the next candidate opens
     measure_gemm(gemm, threads, budget_s=0.4)
     for row in rows:
         if "p50_ms" in row:
             row["gflops_per_s"] = row["flops"] / (row["p50_ms"] / 1e3) / 1e9
             row["gemm_fraction"] = row["gflops_per_s"] / rate_of(gemm, row["device"], row["compute"])
     add_speedups(rows)
-    return rows
+    return rows, agreements, placement
 
 
 def measure_gemm(gemm: dict, threads: int, budget_s: float) -> None:
@@ -318,18 +337,17 @@ def add_speedups(rows: list) -> None:
 # ---- agreement -----------------------------------------------------------------------------------------------
 
 
-def top_token_agreements(candidates: list, engines: EngineDir, tokens: np.ndarray) -> dict:
-    """{"backend precision": share of masked slots whose most likely token (a temperature of 1e-4 makes the draw an
-    argmax) is the fp32 graph's}, over half-decoded states of real samples and the all-masked first step."""
-    reference = next(c for c in candidates if (c.backend, c.precision) in (("onnxruntime-cpu", "fp32"),
-                                                                          ("onnxruntime-cuda", "fp32")))
+def top_token_agreement(engines: EngineDir, tokens: np.ndarray, reference: Runner) -> Callable[[Candidate], float]:
+    """candidate -> the share of masked slots whose most likely token (a temperature of 1e-4 makes the draw an
+    argmax) is the `reference` fp32 graph's, over half-decoded states of real samples and the all-masked first
+    step."""
     feeds, masked = agreement_feeds(engines, tokens)
-    want = reference.runners["prior"].run(feeds)["sampled"][masked]
-    agreements = {}
-    for candidate in candidates:
-        got = candidate.runners["prior"].run(feeds)["sampled"][masked]
-        agreements[f"{candidate.backend} {candidate.precision}"] = float((got == want).mean())
-    return agreements
+    want = reference.run(feeds)["sampled"][masked]
+
+    def agreement(candidate: Candidate) -> float:
+        return float((candidate.runners["prior"].run(feeds)["sampled"][masked] == want).mean())
+
+    return agreement
 
 
 # ---- start-up ----------------------------------------------------------------------------------------------
@@ -369,17 +387,18 @@ def measure_model(args, config: Optional[str], workdir: Path, gemm: dict, machin
     startup = startup_seconds(engines)
     print(f"  {model}: Generator start-up (s): {startup}", flush=True)
     skipped: list = []
-    candidates = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
+    makers = runtime_candidates(engines, args.steps, max(args.batch_sizes), skipped)
     threads = machine["threads"]
-    candidates += peer_candidates(movq, prior, engines, args.steps, args.compile, threads)
-    flops = stage_flops(next(c for c in candidates if c.backend == EAGER), prior.config, engines, args.steps)
+    makers += peer_candidates(movq, prior, engines, args.steps, args.compile, threads)
+    device = next(prior.parameters()).device.type  # where peer_candidates put the modules
+    flops = stage_flops(TorchPeer(movq, prior, device=device), prior.config, engines, args.steps)
     n = min(16, max(args.batch_sizes))
-    tokens = Generator(engines, "onnxruntime-cpu", "fp32").sample_tokens(n=n, steps=args.steps, seed=1)
-    agreements = top_token_agreements(candidates, engines, tokens)  # before run_benchmark closes the candidates
-    rows = run_benchmark(args, candidates, engines, flops, gemm, threads, model)
+    with Generator(engines, "onnxruntime-cpu", "fp32") as fp32:  # the agreements' reference
+        tokens = fp32.sample_tokens(n=n, steps=args.steps, seed=1)
+        agreement = top_token_agreement(engines, tokens, fp32.backend.runners["prior"])
+    rows, agreements, placement = run_benchmark(args, makers, engines, flops, gemm, threads, model, agreement)
     for row in rows:
         row["top_token_agreement"] = agreements.get(f"{row['backend']} {row['precision']}")
-    placement = next((c.placement for c in candidates if c.backend == "auto"), "")
     return {
         "name": model, "ckpt": None if config else str(ckpt), "engine_dir": None if config else str(engines.path),
         "tokenizer": engines.model["tokenizer"], "prior": engines.model["prior"], "grid": engines.to_dict()["grid"],
