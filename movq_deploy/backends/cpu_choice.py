@@ -41,9 +41,10 @@ REEXPORT_BF16 = ("re-export with export/to_onnx.py where openvino is installed, 
 BF16_FIGURES = {"prior": ("held_out_top_token_agreement", 0.99),
                 "prior_guided": ("held_out_top_token_agreement", 0.99),
                 "encoder": ("index_agreement", 0.99), "decoder": ("psnr_db", 40.0)}
-# Measured (BENCHMARKS.md, "The CPU choice"): the digits graphs (0.03-0.07 GFLOP per image) run 0.4-1.2x ONNX
-# Runtime's speed on OpenVINO bf16, the paper-size ones (28-300 GFLOP) 1.8-3.0x (issue 20's measurement); the
-# per-call overhead of ~0.1-0.3 ms is repaid from ~0.2 GFLOP per image on. 1 GFLOP keeps a factor of five in hand.
+# Measured (BENCHMARKS.md, "The CPU choice"): the digits graphs (0.03-0.07 GFLOP per image) run 0.77-1.11x ONNX
+# Runtime's speed on OpenVINO bf16 at batch 1 (0.4-1.2x on a loaded day), the paper-size ones (28-300 GFLOP)
+# 1.7-2.5x; the per-call overhead of ~0.1-0.3 ms is repaid from ~0.2 GFLOP per image on. 1 GFLOP keeps a factor
+# of five in hand.
 MIN_BF16_GFLOP = 1.0
 
 
