@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import itertools
 import json
 import shlex
 import sys
@@ -187,9 +188,10 @@ def package_candidate(engines: EngineDir, backend: str, precision: str, steps: i
 
 
 def peer_candidates(movq, prior, engines: EngineDir, steps: int, with_compile: bool, threads: int) -> list:
-    """Makers of the peers (as runtime_candidates'): PyTorch eager (whole sample: the reference sampler) and torch.compile (whole sample: the same loop
-    as the Generator around the compiled graphs), fp32 and bf16 autocast (fp16 autocast on CUDA), and OpenVINO
-    called directly on the fp32 graphs in bf16 (CPU, where openvino is installed)."""
+    """Makers of the peers (as runtime_candidates'): PyTorch eager (whole sample: the reference sampler) and
+    torch.compile (whole sample: the same loop as the Generator around the compiled graphs), fp32 and bf16 autocast
+    (fp16 autocast on CUDA), and OpenVINO called directly on the fp32 graphs in bf16 (CPU, where openvino is
+    installed)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     movq, prior = movq.to(device), prior.to(device)
     grid, mask_id, num_classes = engines.grid.shape, engines.mask_id, engines.num_classes
@@ -271,7 +273,7 @@ def run_benchmark(args, makers, engines, flops, gemm, threads: int, model: str,
         agreements[f"{candidate.backend} {candidate.precision}"] = agreement(candidate)
         placement = candidate.placement or placement
         measure_gemm(gemm, threads, budget_s=0.4)
-        for batch, stage in ((batch, stage) for batch in args.batch_sizes for stage in STAGES):
+        for batch, stage in itertools.product(args.batch_sizes, STAGES):
             if candidate.precision == "int8" and candidate.backend == "onnxruntime-cpu" and \
                     stage in ("decode", "encode") and engines.graph("int8", graph_of(stage)) is None:
                 continue  # exported before the encoder and decoder were quantized: they are the fp32 graphs
